@@ -1,0 +1,114 @@
+#pragma once
+// The tape (layer 2 of DESIGN.md). Every differentiable op records a Node that
+// holds its inputs' edges and its backward rule; backward() and grad() replay
+// the nodes in reverse creation order. Rules are written with differentiable
+// ops, so with create_graph the backward pass is itself recorded and can be
+// differentiated again.
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "hesse/tensor.hpp"
+
+namespace hesse {
+
+/// Which inputs of a node need a gradient (bit i for input i).
+struct Needs {
+  std::uint64_t bits = 0;
+  bool operator[](std::size_t i) const { return i >= 64 || ((bits >> i) & 1u); }
+};
+
+/// A backward rule: given the gradient of the node's output (with any number of
+/// extra leading batch dimensions) and the output itself (defined only for
+/// rules recorded with SaveOutput::yes), return one gradient per input
+/// (undefined where `needs` is false).
+using BackwardRule =
+    std::function<std::vector<Tensor>(const Tensor& grad, const Tensor& output, Needs needs)>;
+
+/// Where a node's input gradient goes: into an earlier node, or into a leaf.
+struct Edge {
+  std::shared_ptr<Node> node;
+  std::shared_ptr<detail::TensorImpl> leaf;
+  bool active() const { return node || leaf; }
+};
+
+class Node : public std::enable_shared_from_this<Node> {
+ public:
+  ~Node();
+  const char* name = "";
+  std::uint64_t sequence = 0;  // creation order on the tape
+  Shape output_shape;
+  std::vector<Edge> edges;
+  BackwardRule rule;
+  std::shared_ptr<detail::Storage> saved_output;  // kept only when the rule reads it
+  bool save_output = false;
+  bool released = false;  // the rule was freed by a backward without retain_graph
+  // engine scratch, valid during one backward pass
+  Tensor pending;          // gradient gathered for this node's output
+  std::uint64_t epoch = 0; // pass that last visited this node
+  bool useful = false;     // some requested gradient flows through this node
+};
+
+/// Whether ops record nodes (thread-local; on by default).
+bool is_grad_enabled();
+
+/// Ops inside its scope record nothing.
+class NoGradGuard {
+ public:
+  NoGradGuard();
+  ~NoGradGuard();
+  NoGradGuard(const NoGradGuard&) = delete;
+  NoGradGuard& operator=(const NoGradGuard&) = delete;
+
+ private:
+  bool previous_;
+};
+
+/// Turns recording on inside its scope (used by create_graph).
+class EnableGradGuard {
+ public:
+  EnableGradGuard();
+  ~EnableGradGuard();
+  EnableGradGuard(const EnableGradGuard&) = delete;
+  EnableGradGuard& operator=(const EnableGradGuard&) = delete;
+
+ private:
+  bool previous_;
+};
+
+struct GradOptions {
+  /// Record the backward pass so its result can be differentiated again.
+  bool create_graph = false;
+  /// Keep the graph for another backward (defaults to create_graph).
+  std::optional<bool> retain_graph;
+  /// Return an undefined tensor for an input the outputs do not depend on.
+  bool allow_unused = false;
+  /// grad_outputs carry extra leading batch dimensions: k seeds in one pass;
+  /// each gradient then has the same leading dimensions.
+  bool batched_grad_outputs = false;
+};
+
+/// d(sum_i <grad_outputs[i], outputs[i]>)/d(inputs); leaves .grad() alone.
+/// A scalar output may omit its grad_output (it is 1).
+std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
+                         const std::vector<Tensor>& grad_outputs = {}, const GradOptions& options = {});
+
+/// Single output, single input.
+Tensor grad(const Tensor& output, const Tensor& input, const Tensor& grad_output = Tensor(),
+            const GradOptions& options = {});
+
+/// Accumulates d(outputs)/d(leaf) into every leaf's .grad().
+void backward(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs = {},
+              bool retain_graph = false);
+
+namespace detail {
+/// Records `result` as the output of op `name` with the given inputs and rule.
+Tensor record(const char* name, Tensor result, const std::vector<Tensor>& inputs, BackwardRule rule,
+              bool save_output = false);
+/// True when an op over these inputs would record a node.
+bool any_requires_grad(const std::vector<Tensor>& inputs);
+}  // namespace detail
+
+}  // namespace hesse

@@ -1,0 +1,7 @@
+#pragma once
+// hesse: second-order analysis of models in C++. One include for everything.
+#include "hesse/error.hpp"
+#include "hesse/tensor.hpp"
+#include "hesse/autograd.hpp"
+#include "hesse/ops.hpp"
+#include "hesse/check.hpp"

@@ -1,0 +1,314 @@
+// The engine: replays the tape in reverse creation order. No recursion, so
+// graphs of any depth work; gradients of gradients work because rules are
+// written with differentiable ops and run with recording on under create_graph.
+#include <algorithm>
+#include <atomic>
+#include <unordered_map>
+
+#include "../detail.hpp"
+
+namespace hesse {
+namespace {
+
+thread_local bool grad_enabled = true;
+std::atomic<std::uint64_t> next_sequence{1};
+std::atomic<std::uint64_t> next_epoch{1};
+
+void accumulate(Tensor& into, const Tensor& g) { into = into.defined() ? into + g : g; }
+
+}  // namespace
+
+bool is_grad_enabled() { return grad_enabled; }
+NoGradGuard::NoGradGuard() : previous_(grad_enabled) { grad_enabled = false; }
+NoGradGuard::~NoGradGuard() { grad_enabled = previous_; }
+EnableGradGuard::EnableGradGuard() : previous_(grad_enabled) { grad_enabled = true; }
+EnableGradGuard::~EnableGradGuard() { grad_enabled = previous_; }
+
+Node::~Node() {
+  for (auto& e : edges)
+    if (e.node) detail::release_node(std::move(e.node));
+}
+
+namespace detail {
+
+void release_node(std::shared_ptr<Node>&& node) {
+  thread_local std::vector<std::shared_ptr<Node>> pending;
+  thread_local bool draining = false;
+  pending.push_back(std::move(node));
+  if (draining) return;
+  draining = true;
+  while (!pending.empty()) {
+    std::shared_ptr<Node> last = std::move(pending.back());
+    pending.pop_back();
+    last.reset();  // may push this node's inputs onto `pending`
+  }
+  draining = false;
+}
+
+bool any_requires_grad(const std::vector<Tensor>& inputs) {
+  if (!grad_enabled) return false;
+  for (const Tensor& t : inputs)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+Tensor record(const char* name, Tensor result, const std::vector<Tensor>& inputs, BackwardRule rule,
+              bool save_output) {
+  if (!any_requires_grad(inputs)) return result;
+  auto node = std::make_shared<Node>();
+  node->name = name;
+  node->sequence = next_sequence++;
+  node->output_shape = result.shape();
+  node->edges.resize(inputs.size());
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    const Tensor& in = inputs[i];
+    if (!in.defined() || !in.requires_grad()) continue;
+    if (in.grad_fn()) node->edges[i].node = in.grad_fn();
+    else node->edges[i].leaf = in.impl();
+  }
+  node->rule = std::move(rule);
+  node->save_output = save_output;
+  if (save_output) node->saved_output = result.impl()->storage;
+  result.impl()->grad_fn = std::move(node);
+  result.impl()->requires_grad = true;
+  return result;
+}
+
+}  // namespace detail
+
+namespace {
+
+const Shape& shape_of(const Edge& e) { return e.node ? e.node->output_shape : e.leaf->shape; }
+
+// One run of the engine. `inputs` empty means backward(): gradients go into
+// every leaf's .grad(). Otherwise they are captured per input and returned.
+class Pass {
+ public:
+  Pass(const char* api, const std::vector<Tensor>& inputs, const GradOptions& options)
+      : api_(api), inputs_(inputs), options_(options), epoch_(next_epoch++) {
+    captured_.resize(inputs.size());
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      const Tensor& in = inputs[i];
+      if (!in.defined()) throw ValueError(detail::message(api_, "input ", i, " is an undefined tensor"));
+      if (!in.requires_grad())
+        throw AutogradError(detail::message(api_, "input ", i, " (shape ", to_string(in.shape()),
+                                            ") does not require grad"));
+      if (in.grad_fn()) node_targets_[in.grad_fn().get()].push_back(i);
+      else leaf_targets_[in.impl().get()].push_back(i);
+    }
+  }
+
+  ~Pass() {
+    for (Node* n : order_) n->pending = Tensor();  // also after an exception
+  }
+
+  std::vector<Tensor> run(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs) {
+    if (!grad_outputs.empty() && grad_outputs.size() != outputs.size())
+      throw ValueError(detail::message(api_, outputs.size(), " outputs but ", grad_outputs.size(),
+                                       " grad_outputs"));
+    std::vector<Tensor> seeds;
+    for (std::size_t i = 0; i < outputs.size(); ++i)
+      seeds.push_back(seed_for(i, outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i]));
+
+    collect(outputs);
+    const bool create_graph = options_.create_graph;
+    const bool retain = options_.retain_graph.value_or(create_graph);
+    std::unique_ptr<NoGradGuard> no_grad;
+    std::unique_ptr<EnableGradGuard> with_grad;
+    if (create_graph) with_grad = std::make_unique<EnableGradGuard>();
+    else no_grad = std::make_unique<NoGradGuard>();
+
+    for (std::size_t i = 0; i < outputs.size(); ++i) {
+      const Tensor& out = outputs[i];
+      if (out.grad_fn()) accumulate(out.grad_fn()->pending, seeds[i]);
+      else deliver_to_leaf(out.impl(), seeds[i]);
+    }
+    for (Node* node : order_) {
+      if (!node->useful || !node->pending.defined()) continue;
+      Tensor g = std::move(node->pending);
+      node->pending = Tensor();
+      if (auto it = node_targets_.find(node); it != node_targets_.end())
+        for (std::size_t k : it->second) accumulate(captured_[k], g);
+      if (!has_useful_edge(node)) continue;
+      if (node->released)
+        throw AutogradError(detail::message(
+            api_, "trying to backward through the graph of '", node->name,
+            "' a second time: its saved values were freed by an earlier backward; pass retain_graph=true to "
+            "the first one"));
+      std::vector<Tensor> grads = node->rule(g, saved_output(node), needs_of(node));
+      check_grads(node, g, grads);
+      for (std::size_t k = 0; k < node->edges.size(); ++k) {
+        const Edge& e = node->edges[k];
+        if (!grads[k].defined() || !e.active()) continue;
+        if (e.node) {
+          if (e.node->useful) accumulate(e.node->pending, grads[k]);
+        } else {
+          deliver_to_leaf(e.leaf, grads[k]);
+        }
+      }
+      if (!retain) {
+        node->rule = nullptr;
+        node->saved_output.reset();
+        node->released = true;
+      }
+    }
+    return finish();
+  }
+
+ private:
+  Tensor seed_for(std::size_t i, const Tensor& out, const Tensor& seed) {
+    if (!out.defined()) throw ValueError(detail::message(api_, "output ", i, " is an undefined tensor"));
+    if (!out.requires_grad())
+      throw AutogradError(detail::message(api_, "output ", i, " (shape ", to_string(out.shape()),
+                                          ") does not require grad: nothing it depends on requires grad"));
+    if (!seed.defined()) {
+      if (out.numel() != 1)
+        throw AutogradError(detail::message(api_, "output ", i, " has shape ", to_string(out.shape()),
+                                            " and is not a scalar: pass a gradient of that shape as seed"));
+      return ones(out.shape());
+    }
+    const Shape& s = seed.shape();
+    const Shape& o = out.shape();
+    bool fits = s == o;
+    if (!fits && options_.batched_grad_outputs && s.size() >= o.size())
+      fits = std::equal(o.begin(), o.end(), s.end() - static_cast<std::ptrdiff_t>(o.size()));
+    if (!fits)
+      throw ShapeError(detail::message(api_, "seed of shape ", to_string(s), " for output ", i, " of shape ",
+                                       to_string(o),
+                                       options_.batched_grad_outputs ? " (batched: leading dims + output shape)"
+                                                                     : ""));
+    if (options_.batched_grad_outputs) {
+      Shape batch = detail::batch_dims(seed, o);
+      if (i == 0) batch_ = batch;
+      else if (batch != batch_)
+        throw ShapeError(detail::message(api_, "batched seeds disagree on their batch dims: ", to_string(batch_),
+                                         " and ", to_string(batch)));
+    }
+    return seed;
+  }
+
+  // Every node reachable from the outputs, in reverse creation order, each
+  // marked useful when a requested gradient flows through it.
+  void collect(const std::vector<Tensor>& outputs) {
+    std::vector<Node*> stack;
+    for (const Tensor& out : outputs)
+      if (Node* n = out.grad_fn().get(); n && n->epoch != epoch_) {
+        n->epoch = epoch_;
+        stack.push_back(n);
+      }
+    while (!stack.empty()) {
+      Node* n = stack.back();
+      stack.pop_back();
+      order_.push_back(n);
+      for (const Edge& e : n->edges)
+        if (Node* m = e.node.get(); m && m->epoch != epoch_) {
+          m->epoch = epoch_;
+          stack.push_back(m);
+        }
+    }
+    std::sort(order_.begin(), order_.end(), [](Node* a, Node* b) { return a->sequence > b->sequence; });
+    // inputs come before their consumers on the tape: mark in creation order
+    for (auto it = order_.rbegin(); it != order_.rend(); ++it) {
+      Node* n = *it;
+      n->useful = node_targets_.count(n) > 0;
+      for (const Edge& e : n->edges)
+        n->useful = n->useful || (e.node && e.node->useful) || (e.leaf && wants_leaf(e.leaf.get()));
+    }
+  }
+
+  bool wants_leaf(const detail::TensorImpl* leaf) const {
+    return inputs_.empty() ? true : leaf_targets_.count(leaf) > 0;
+  }
+
+  bool has_useful_edge(const Node* n) const {
+    for (const Edge& e : n->edges)
+      if ((e.node && e.node->useful) || (e.leaf && wants_leaf(e.leaf.get()))) return true;
+    return false;
+  }
+
+  static Needs needs_of(const Node* n) {
+    Needs needs;
+    for (std::size_t k = 0; k < n->edges.size() && k < 64; ++k)
+      if (n->edges[k].active()) needs.bits |= std::uint64_t(1) << k;
+    return needs;
+  }
+
+  static Tensor saved_output(Node* n) {
+    if (!n->save_output) return Tensor();
+    auto impl = std::make_shared<detail::TensorImpl>();
+    impl->shape = n->output_shape;
+    impl->numel = numel_of(n->output_shape);
+    impl->storage = n->saved_output;
+    impl->requires_grad = true;
+    impl->grad_fn = n->shared_from_this();  // so that create_graph differentiates through it
+    return Tensor(std::move(impl));
+  }
+
+  void check_grads(const Node* n, const Tensor& g, const std::vector<Tensor>& grads) const {
+    if (grads.size() != n->edges.size())
+      throw Error(detail::message(n->name, "backward returned ", grads.size(), " gradients for ",
+                                  n->edges.size(), " inputs"));
+    const Shape batch = detail::batch_dims(g, n->output_shape);
+    for (std::size_t k = 0; k < grads.size(); ++k) {
+      if (!grads[k].defined() || !n->edges[k].active()) continue;
+      if (grads[k].shape() != detail::concat_shape(batch, shape_of(n->edges[k])))
+        throw Error(detail::message(n->name, "backward produced a gradient of shape ", to_string(grads[k].shape()),
+                                    " for input ", k, " of shape ", to_string(shape_of(n->edges[k])),
+                                    " (batch ", to_string(batch), ")"));
+    }
+  }
+
+  void deliver_to_leaf(const std::shared_ptr<detail::TensorImpl>& leaf, const Tensor& g) {
+    if (!inputs_.empty()) {
+      if (auto it = leaf_targets_.find(leaf.get()); it != leaf_targets_.end())
+        for (std::size_t k : it->second) accumulate(captured_[k], g);
+      return;
+    }
+    Tensor into(leaf->grad);
+    accumulate(into, g.requires_grad() ? g.detach() : g);
+    leaf->grad = into.impl();
+  }
+
+  std::vector<Tensor> finish() {
+    for (std::size_t i = 0; i < captured_.size(); ++i)
+      if (!captured_[i].defined() && !options_.allow_unused)
+        throw AutogradError(detail::message(api_, "input ", i, " (shape ", to_string(inputs_[i].shape()),
+                                            ") is not used to compute the outputs; pass allow_unused to get an "
+                                            "undefined gradient instead"));
+    return std::move(captured_);
+  }
+
+  const char* api_;
+  const std::vector<Tensor>& inputs_;
+  GradOptions options_;
+  std::uint64_t epoch_;
+  Shape batch_;
+  std::vector<Node*> order_;
+  std::unordered_map<const Node*, std::vector<std::size_t>> node_targets_;
+  std::unordered_map<const detail::TensorImpl*, std::vector<std::size_t>> leaf_targets_;
+  std::vector<Tensor> captured_;
+};
+
+}  // namespace
+
+std::vector<Tensor> grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& inputs,
+                         const std::vector<Tensor>& grad_outputs, const GradOptions& options) {
+  if (inputs.empty()) throw ValueError("hesse::grad: no inputs to differentiate by");
+  Pass pass("grad", inputs, options);
+  return pass.run(outputs, grad_outputs);
+}
+
+Tensor grad(const Tensor& output, const Tensor& input, const Tensor& grad_output, const GradOptions& options) {
+  return grad(std::vector<Tensor>{output}, std::vector<Tensor>{input}, std::vector<Tensor>{grad_output},
+              options)[0];
+}
+
+void backward(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs, bool retain_graph) {
+  GradOptions options;
+  options.retain_graph = retain_graph;
+  static const std::vector<Tensor> no_inputs;
+  Pass pass("backward", no_inputs, options);
+  pass.run(outputs, grad_outputs);
+}
+
+}  // namespace hesse

@@ -1,0 +1,262 @@
+// Elementwise ops: forward kernel and backward rule side by side.
+// Rules receive gradients with extra leading batch dims and use only
+// differentiable ops, so they can be differentiated again.
+#include <cmath>
+
+#include "../detail.hpp"
+
+namespace hesse {
+namespace {
+
+using detail::make;
+using detail::record;
+using detail::reduce_grad;
+
+template <class F>
+Tensor map_unary(const Tensor& x, F f) {
+  Tensor out = make(x.shape());
+  const double* a = x.data();
+  double* o = out.mutable_data();
+  const std::size_t n = x.numel();
+  for (std::size_t i = 0; i < n; ++i) o[i] = f(a[i]);
+  return out;
+}
+
+template <class F>
+Tensor map_binary(const char* op, const Tensor& a, const Tensor& b, F f) {
+  const double* pa = a.data();
+  const double* pb = b.data();
+  if (a.shape() == b.shape()) {
+    Tensor out = make(a.shape());
+    double* o = out.mutable_data();
+    for (std::size_t i = 0, n = a.numel(); i < n; ++i) o[i] = f(pa[i], pb[i]);
+    return out;
+  }
+  const Shape shape = detail::broadcast_shapes(op, a.shape(), b.shape());
+  Tensor out = make(shape);
+  double* o = out.mutable_data();
+  if (b.numel() == 1 && shape == a.shape()) {
+    const double s = pb[0];
+    for (std::size_t i = 0, n = a.numel(); i < n; ++i) o[i] = f(pa[i], s);
+  } else if (a.numel() == 1 && shape == b.shape()) {
+    const double s = pa[0];
+    for (std::size_t i = 0, n = b.numel(); i < n; ++i) o[i] = f(s, pb[i]);
+  } else {
+    detail::for_each_broadcast(shape, detail::broadcast_strides(a.shape(), shape),
+                               detail::broadcast_strides(b.shape(), shape),
+                               [&](std::size_t io, std::size_t ia, std::size_t ib) { o[io] = f(pa[ia], pb[ib]); });
+  }
+  return out;
+}
+
+// A constant (unrecorded) tensor, e.g. the 0/1 mask in relu's derivative.
+template <class F>
+Tensor constant_map(const Tensor& x, F f) {
+  NoGradGuard guard;
+  return map_unary(x, f);
+}
+
+const double kSqrt2 = std::sqrt(2.0);
+const double kInvSqrt2Pi = 1.0 / std::sqrt(2.0 * M_PI);
+const double kTwoOverSqrtPi = 2.0 / std::sqrt(M_PI);
+
+}  // namespace
+
+// ---- binary ----
+
+// (a + b)' = (1, 1), summed back over broadcast dims
+Tensor add(const Tensor& a, const Tensor& b) {
+  Tensor out = map_binary("add", a, b, [](double x, double y) { return x + y; });
+  return record("add", out, {a, b},
+                [sa = a.shape(), sb = b.shape(), so = out.shape()](const Tensor& g, const Tensor&, Needs needs) {
+                  return std::vector<Tensor>{needs[0] ? reduce_grad(g, so, sa) : Tensor(),
+                                             needs[1] ? reduce_grad(g, so, sb) : Tensor()};
+                });
+}
+
+// (a - b)' = (1, -1)
+Tensor sub(const Tensor& a, const Tensor& b) {
+  Tensor out = map_binary("sub", a, b, [](double x, double y) { return x - y; });
+  return record("sub", out, {a, b},
+                [sa = a.shape(), sb = b.shape(), so = out.shape()](const Tensor& g, const Tensor&, Needs needs) {
+                  return std::vector<Tensor>{needs[0] ? reduce_grad(g, so, sa) : Tensor(),
+                                             needs[1] ? neg(reduce_grad(g, so, sb)) : Tensor()};
+                });
+}
+
+// (a b)' = (b, a)
+Tensor mul(const Tensor& a, const Tensor& b) {
+  Tensor out = map_binary("mul", a, b, [](double x, double y) { return x * y; });
+  return record("mul", out, {a, b}, [a, b, so = out.shape()](const Tensor& g, const Tensor&, Needs needs) {
+    return std::vector<Tensor>{needs[0] ? reduce_grad(g * b, so, a.shape()) : Tensor(),
+                               needs[1] ? reduce_grad(g * a, so, b.shape()) : Tensor()};
+  });
+}
+
+// (a / b)' = (1 / b, -a / b² = -out / b)
+Tensor div(const Tensor& a, const Tensor& b) {
+  Tensor out = map_binary("div", a, b, [](double x, double y) { return x / y; });
+  return record(
+      "div", out, {a, b},
+      [sa = a.shape(), b](const Tensor& g, const Tensor& out, Needs needs) {
+        const Tensor g_over_b = g / b;
+        return std::vector<Tensor>{needs[0] ? reduce_grad(g_over_b, out.shape(), sa) : Tensor(),
+                                   needs[1] ? neg(reduce_grad(g_over_b * out, out.shape(), b.shape())) : Tensor()};
+      },
+      /*save_output=*/true);
+}
+
+Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
+Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
+Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
+Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
+
+// ---- with a scalar ----
+
+// (x + s)' = 1
+Tensor operator+(const Tensor& x, double s) {
+  Tensor out = map_unary(x, [s](double v) { return v + s; });
+  return record("add_scalar", out, {x},
+                [](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g}; });
+}
+Tensor operator+(double s, const Tensor& x) { return x + s; }
+Tensor operator-(const Tensor& x, double s) { return x + (-s); }
+Tensor operator-(double s, const Tensor& x) { return neg(x) + s; }
+
+// (s x)' = s
+Tensor operator*(const Tensor& x, double s) {
+  Tensor out = map_unary(x, [s](double v) { return v * s; });
+  return record("mul_scalar", out, {x},
+                [s](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g * s}; });
+}
+Tensor operator*(double s, const Tensor& x) { return x * s; }
+Tensor operator/(const Tensor& x, double s) { return x * (1.0 / s); }
+
+// (s / x)' = -s / x² = -out / x
+Tensor operator/(double s, const Tensor& x) {
+  Tensor out = map_unary(x, [s](double v) { return s / v; });
+  return record(
+      "rdiv_scalar", out, {x},
+      [x](const Tensor& g, const Tensor& out, Needs) { return std::vector<Tensor>{neg(g * out / x)}; },
+      /*save_output=*/true);
+}
+
+Tensor operator-(const Tensor& x) { return neg(x); }
+
+// ---- unary ----
+
+// (-x)' = -1
+Tensor neg(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return -v; });
+  return record("neg", out, {x}, [](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{neg(g)}; });
+}
+
+// (x^p)' = p x^(p-1)
+Tensor pow(const Tensor& x, double p) {
+  if (p == 1.0) return x * 1.0;
+  Tensor out = map_unary(x, [p](double v) { return p == 2.0 ? v * v : std::pow(v, p); });
+  return record("pow", out, {x}, [x, p](const Tensor& g, const Tensor&, Needs) {
+    return std::vector<Tensor>{g * (pow(x, p - 1.0) * p)};
+  });
+}
+
+// (e^x)' = e^x
+Tensor exp(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return std::exp(v); });
+  return record(
+      "exp", out, {x}, [](const Tensor& g, const Tensor& out, Needs) { return std::vector<Tensor>{g * out}; },
+      true);
+}
+
+// (log x)' = 1 / x
+Tensor log(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return std::log(v); });
+  return record("log", out, {x}, [x](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g / x}; });
+}
+
+// (√x)' = 1 / (2 √x)
+Tensor sqrt(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return std::sqrt(v); });
+  return record(
+      "sqrt", out, {x},
+      [](const Tensor& g, const Tensor& out, Needs) { return std::vector<Tensor>{g * 0.5 / out}; }, true);
+}
+
+// |x|' = sign(x)  (0 at 0, like PyTorch)
+Tensor abs(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return std::abs(v); });
+  return record("abs", out, {x}, [x](const Tensor& g, const Tensor&, Needs) {
+    return std::vector<Tensor>{g * constant_map(x, [](double v) { return double((v > 0) - (v < 0)); })};
+  });
+}
+
+// (x²)' = 2x
+Tensor square(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return v * v; });
+  return record("square", out, {x},
+                [x](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g * (x * 2.0)}; });
+}
+
+// tanh' = 1 - tanh²
+Tensor tanh(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return std::tanh(v); });
+  return record(
+      "tanh", out, {x},
+      [](const Tensor& g, const Tensor& out, Needs) { return std::vector<Tensor>{g * (1.0 - square(out))}; }, true);
+}
+
+// σ' = σ (1 - σ)
+Tensor sigmoid(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return v >= 0 ? 1.0 / (1.0 + std::exp(-v)) : std::exp(v) / (1.0 + std::exp(v)); });
+  return record(
+      "sigmoid", out, {x},
+      [](const Tensor& g, const Tensor& out, Needs) { return std::vector<Tensor>{g * (out * (1.0 - out))}; }, true);
+}
+
+// relu' = 1 where x > 0, else 0
+Tensor relu(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return v > 0 ? v : 0.0; });
+  return record("relu", out, {x}, [x](const Tensor& g, const Tensor&, Needs) {
+    return std::vector<Tensor>{g * constant_map(x, [](double v) { return v > 0 ? 1.0 : 0.0; })};
+  });
+}
+
+// softplus = max(x, 0) + log1p(e^-|x|);  softplus' = σ
+Tensor softplus(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return std::max(v, 0.0) + std::log1p(std::exp(-std::abs(v))); });
+  return record("softplus", out, {x},
+                [x](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g * sigmoid(x)}; });
+}
+
+// erf' = 2/√π e^(-x²)
+Tensor erf(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return std::erf(v); });
+  return record("erf", out, {x}, [x](const Tensor& g, const Tensor&, Needs) {
+    return std::vector<Tensor>{g * (exp(neg(square(x))) * kTwoOverSqrtPi)};
+  });
+}
+
+// gelu = x Φ(x);  gelu' = Φ(x) + x φ(x),  Φ(x) = (1 + erf(x/√2)) / 2,  φ(x) = e^(-x²/2) / √(2π)
+Tensor gelu(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return 0.5 * v * (1.0 + std::erf(v / kSqrt2)); });
+  return record("gelu", out, {x}, [x](const Tensor& g, const Tensor&, Needs) {
+    const Tensor cdf = (erf(x * (1.0 / kSqrt2)) + 1.0) * 0.5;
+    const Tensor pdf = exp(square(x) * -0.5) * kInvSqrt2Pi;
+    return std::vector<Tensor>{g * (cdf + x * pdf)};
+  });
+}
+
+// sin' = cos
+Tensor sin(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return std::sin(v); });
+  return record("sin", out, {x}, [x](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g * cos(x)}; });
+}
+
+// cos' = -sin
+Tensor cos(const Tensor& x) {
+  Tensor out = map_unary(x, [](double v) { return std::cos(v); });
+  return record("cos", out, {x},
+                [x](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{neg(g * sin(x))}; });
+}
+
+}  // namespace hesse

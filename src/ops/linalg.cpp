@@ -1,0 +1,135 @@
+// Linear algebra. matmul is one primitive, op(A) op(B) with transpose flags,
+// so that its adjoints are again matmuls read through BLAS's transpose flags
+// (no transposed copies), and the rules close over the same primitive:
+//   C = A B      dA = g Bᵀ,   dB = Aᵀ g
+// Leading dimensions broadcast; k batched seeds become one folded GEMM where
+// only A is batched.
+#include <cblas.h>
+
+#include "../detail.hpp"
+
+namespace hesse {
+namespace {
+
+using detail::make;
+using detail::message;
+
+struct MatmulDims {
+  std::size_t m, k, n;
+  Shape batch;  // broadcast of both operands' leading dims
+};
+
+std::size_t rows(const Shape& s, bool t) { return t ? s[s.size() - 1] : s[s.size() - 2]; }
+std::size_t cols(const Shape& s, bool t) { return t ? s[s.size() - 2] : s[s.size() - 1]; }
+Shape lead(const Shape& s) { return Shape(s.begin(), s.end() - 2); }
+
+MatmulDims matmul_dims(const Tensor& a, const Tensor& b, bool ta, bool tb) {
+  const Shape& sa = a.shape();
+  const Shape& sb = b.shape();
+  if (sa.size() < 2 || sb.size() < 2 || cols(sa, ta) != rows(sb, tb))
+    throw ShapeError(message("matmul", "shapes ", to_string(sa), ta ? "ᵀ" : "", " and ", to_string(sb), tb ? "ᵀ" : "",
+                             " do not fit (inner dimensions differ)"));
+  MatmulDims d{rows(sa, ta), cols(sa, ta), cols(sb, tb), {}};
+  try {
+    d.batch = detail::broadcast_shapes("matmul", lead(sa), lead(sb));
+  } catch (const ShapeError&) {
+    throw ShapeError(message("matmul", "batch dimensions of ", to_string(sa), " and ", to_string(sb),
+                             " cannot be broadcast"));
+  }
+  return d;
+}
+
+Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb);
+
+void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(d.m), int(d.n),
+              int(d.k), 1.0, a, ta ? int(d.m) : int(d.k), b, tb ? int(d.k) : int(d.n), 0.0, c, int(d.n));
+}
+
+Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulDims& d) {
+  Tensor out = make(detail::concat_shape(d.batch, {d.m, d.n}));
+  if (out.numel() == 0) return out;
+  if (d.k == 0) return zeros(out.shape());
+  const std::size_t batches = numel_of(d.batch);
+  const std::size_t a_mat = d.m * d.k, b_mat = d.k * d.n, c_mat = d.m * d.n;
+  const bool a_batched = numel_of(lead(a.shape())) > 1, b_batched = numel_of(lead(b.shape())) > 1;
+  if (!b_batched && !ta) {  // fold A's batch into M: one GEMM
+    MatmulDims folded = d;
+    folded.m = d.m * batches;
+    if (!a_batched) {  // A broadcast over a batch that only B's shape has (of size 1 per dim): loop
+      for (std::size_t i = 0; i < batches; ++i) gemm(ta, tb, d, a.data(), b.data(), out.mutable_data() + i * c_mat);
+      return out;
+    }
+    gemm(ta, tb, folded, a.data(), b.data(), out.mutable_data());
+    return out;
+  }
+  // one GEMM per batch entry, operands read through broadcast strides
+  const Shape batch = d.batch;
+  const Shape sa = detail::broadcast_strides(lead(a.shape()), batch);
+  const Shape sb = detail::broadcast_strides(lead(b.shape()), batch);
+  if (batch.empty()) {
+    gemm(ta, tb, d, a.data(), b.data(), out.mutable_data());
+    return out;
+  }
+  detail::for_each_broadcast(batch, sa, sb, [&](std::size_t io, std::size_t ia, std::size_t ib) {
+    gemm(ta, tb, d, a.data() + ia * a_mat, b.data() + ib * b_mat, out.mutable_data() + io * c_mat);
+  });
+  return out;
+}
+
+// C = op(A) op(B) with op(X) = Xᵀ where flagged. Adjoints:
+//   dA = g op(B)ᵀ  (ta: dA = op(B) gᵀ)      dB = op(A)ᵀ g  (tb: dB = gᵀ op(A))
+Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb) {
+  const MatmulDims d = matmul_dims(a, b, ta, tb);
+  Tensor out = matmul_kernel(a, b, ta, tb, d);
+  return detail::record("matmul", out, {a, b}, [a, b, ta, tb, so = out.shape()](const Tensor& g, const Tensor&, Needs needs) {
+    Tensor ga, gb;
+    if (needs[0]) ga = detail::reduce_grad(ta ? matmul_t(b, g, tb, true) : matmul_t(g, b, false, !tb), so,
+                                           a.shape());
+    if (needs[1]) gb = detail::reduce_grad(tb ? matmul_t(g, a, true, ta) : matmul_t(a, g, !ta, false), so,
+                                           b.shape());
+    return std::vector<Tensor>{ga, gb};
+  });
+}
+
+}  // namespace
+
+Tensor matmul(const Tensor& a, const Tensor& b) {
+  if (a.ndim() == 0 || b.ndim() == 0)
+    throw ShapeError(message("matmul", "0-d operands are not allowed (shapes ", to_string(a.shape()), " and ",
+                             to_string(b.shape()), "); use * for scalars"));
+  if (a.ndim() == 1 && b.ndim() == 1 && a.numel() != b.numel())
+    throw ShapeError(message("matmul", "shapes ", to_string(a.shape()), " and ", to_string(b.shape()),
+                             " do not fit (inner dimensions differ)"));
+  const Tensor a2 = a.ndim() == 1 ? unsqueeze(a, 0) : a;
+  const Tensor b2 = b.ndim() == 1 ? unsqueeze(b, -1) : b;
+  if (a2.ndim() >= 2 && b2.ndim() >= 2 && a2.shape().back() != b2.shape()[b2.ndim() - 2])
+    throw ShapeError(message("matmul", "shapes ", to_string(a.shape()), " and ", to_string(b.shape()),
+                             " do not fit (inner dimensions differ)"));
+  Tensor c = matmul_t(a2, b2, false, false);
+  if (b.ndim() == 1) c = squeeze(c, -1);
+  if (a.ndim() == 1) c = squeeze(c, a.ndim() == 1 && b.ndim() == 1 ? -1 : -2);
+  return c;
+}
+
+// tr(X) = Σ X ∘ I
+Tensor trace(const Tensor& x) {
+  if (x.ndim() != 2) throw ShapeError(message("trace", "needs a matrix, got shape ", to_string(x.shape())));
+  return sum(x * eye(x.shape()[0], x.shape()[1]));
+}
+
+Tensor outer(const Tensor& a, const Tensor& b) {
+  if (a.ndim() != 1 || b.ndim() != 1)
+    throw ShapeError(message("outer", "needs two vectors, got shapes ", to_string(a.shape()), " and ",
+                             to_string(b.shape())));
+  return unsqueeze(a, 1) * unsqueeze(b, 0);
+}
+
+Tensor dot(const Tensor& a, const Tensor& b) {
+  if (a.ndim() != 1 || b.ndim() != 1 || a.numel() != b.numel())
+    throw ShapeError(message("dot", "needs two vectors of equal length, got shapes ", to_string(a.shape()), " and ",
+                             to_string(b.shape())));
+  return sum(a * b);
+}
+
+}  // namespace hesse

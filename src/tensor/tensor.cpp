@@ -1,0 +1,230 @@
+// Tensor handle, creation, printing.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <ostream>
+#include <sstream>
+
+#include <xtensor/xio.hpp>
+
+#include "../detail.hpp"
+
+namespace hesse {
+
+std::string to_string(const Shape& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
+std::size_t numel_of(const Shape& shape) { return detail::prod(shape, 0, shape.size()); }
+
+namespace detail {
+TensorImpl::~TensorImpl() {
+  if (grad_fn) release_node(std::move(grad_fn));
+}
+}  // namespace detail
+
+double Generator::uniform(double lo, double hi) {
+  return std::uniform_real_distribution<double>(lo, hi)(engine_);
+}
+double Generator::normal(double mean, double stddev) {
+  return std::normal_distribution<double>(mean, stddev)(engine_);
+}
+Generator& default_generator() {
+  thread_local Generator gen(0);
+  return gen;
+}
+void manual_seed(std::uint64_t seed) { default_generator().seed(seed); }
+
+// ---- construction ----
+
+Tensor Tensor::empty(const Shape& shape) {
+  auto impl = std::make_shared<detail::TensorImpl>();
+  impl->shape = shape;
+  impl->numel = numel_of(shape);
+  impl->storage = std::make_shared<detail::Storage>(impl->numel);
+  return Tensor(std::move(impl));
+}
+
+namespace {
+Tensor from_values(const Shape& shape, const double* values) {
+  Tensor t = Tensor::empty(shape);
+  std::copy(values, values + t.numel(), t.mutable_data());
+  return t;
+}
+}  // namespace
+
+Tensor::Tensor(double value) : Tensor(from_values({}, &value)) {}
+
+Tensor::Tensor(const xt::xarray<double>& value, bool requires_grad)
+    : Tensor(empty(Shape(value.shape().begin(), value.shape().end()))) {
+  detail::view_mut(*this) = value;  // also handles non-row-major sources
+  impl_->requires_grad = requires_grad;
+}
+
+Tensor::Tensor(std::initializer_list<double> values)
+    : Tensor(from_values({values.size()}, values.begin())) {}
+
+Tensor::Tensor(std::initializer_list<std::initializer_list<double>> values)
+    : Tensor(xt::xarray<double>(values)) {}
+
+Tensor::Tensor(std::initializer_list<std::initializer_list<std::initializer_list<double>>> values)
+    : Tensor(xt::xarray<double>(values)) {}
+
+// ---- accessors ----
+
+const detail::TensorImpl& Tensor::checked() const {
+  if (!impl_) throw ValueError("hesse::Tensor: use of an undefined tensor");
+  return *impl_;
+}
+
+const Shape& Tensor::shape() const { return checked().shape; }
+std::size_t Tensor::numel() const { return checked().numel; }
+
+std::size_t Tensor::size(int axis) const {
+  return shape()[detail::normalize_axis("Tensor::size", axis, ndim())];
+}
+
+xt::xarray<double> Tensor::value() const { return detail::view(*this); }
+
+double Tensor::item() const {
+  if (numel() != 1)
+    throw ShapeError(detail::message("item", "needs a one-element tensor, got shape ", to_string(shape())));
+  return data()[0];
+}
+
+const double* Tensor::data() const { return checked().storage->data; }
+double* Tensor::mutable_data() { return checked().storage->data; }
+
+bool Tensor::requires_grad() const { return checked().requires_grad; }
+
+Tensor& Tensor::requires_grad_(bool flag) {
+  if (!is_leaf())
+    throw AutogradError(detail::message(
+        "requires_grad_", "only leaves can be marked; this tensor was made by '", impl_->grad_fn->name,
+        "' (use detach() first)"));
+  impl_->requires_grad = flag;
+  return *this;
+}
+
+bool Tensor::is_leaf() const { return checked().grad_fn == nullptr; }
+
+Tensor Tensor::grad() const {
+  const auto& g = checked().grad;
+  return g ? Tensor(g) : Tensor();
+}
+
+void Tensor::zero_grad() { checked(), impl_->grad.reset(); }
+
+void Tensor::set_grad(const Tensor& g) {
+  checked();
+  if (g.defined() && g.shape() != shape())
+    throw ShapeError(detail::message("set_grad", "gradient of shape ", to_string(g.shape()),
+                                     " for a tensor of shape ", to_string(shape())));
+  impl_->grad = g.impl();
+}
+
+void Tensor::backward(const Tensor& gradient, bool retain_graph) const {
+  hesse::backward({*this}, {gradient}, retain_graph);
+}
+
+Tensor Tensor::detach() const {
+  auto impl = std::make_shared<detail::TensorImpl>();
+  impl->shape = shape();
+  impl->numel = numel();
+  impl->storage = impl_->storage;
+  return Tensor(std::move(impl));
+}
+
+Tensor Tensor::clone() const { return from_values(shape(), data()); }
+
+const std::shared_ptr<Node>& Tensor::grad_fn() const { return checked().grad_fn; }
+
+std::ostream& operator<<(std::ostream& os, const Tensor& t) {
+  if (!t.defined()) return os << "tensor(undefined)";
+  std::ostringstream body;
+  body << std::setprecision(6) << detail::view(t);
+  std::string s = body.str();
+  // indent continuation lines under "tensor("
+  std::string indented;
+  for (char c : s) {
+    indented += c;
+    if (c == '\n') indented += "       ";
+  }
+  os << "tensor(" << indented;
+  if (t.grad_fn()) os << ", grad_fn=" << t.grad_fn()->name;
+  else if (t.requires_grad()) os << ", requires_grad";
+  return os << ")";
+}
+
+// ---- creation ----
+
+Tensor full(const Shape& shape, double value, bool requires_grad) {
+  Tensor t = Tensor::empty(shape);
+  std::fill_n(t.mutable_data(), t.numel(), value);
+  return t.requires_grad_(requires_grad);
+}
+Tensor zeros(const Shape& shape, bool requires_grad) { return full(shape, 0.0, requires_grad); }
+Tensor ones(const Shape& shape, bool requires_grad) { return full(shape, 1.0, requires_grad); }
+Tensor zeros_like(const Tensor& t) { return zeros(t.shape()); }
+Tensor ones_like(const Tensor& t) { return ones(t.shape()); }
+
+Tensor eye(std::size_t n, std::size_t m) {
+  if (m == 0) m = n;
+  Tensor t = zeros({n, m});
+  for (std::size_t i = 0; i < std::min(n, m); ++i) t.mutable_data()[i * m + i] = 1.0;
+  return t;
+}
+
+Tensor arange(double stop) { return arange(0.0, stop, 1.0); }
+
+Tensor arange(double start, double stop, double step) {
+  if (step == 0.0) throw ValueError("hesse::arange: step must not be zero");
+  const double count = std::ceil((stop - start) / step);
+  const std::size_t n = count > 0 ? static_cast<std::size_t>(count) : 0;
+  Tensor t = Tensor::empty({n});
+  for (std::size_t i = 0; i < n; ++i) t.mutable_data()[i] = start + step * static_cast<double>(i);
+  return t;
+}
+
+Tensor rand(const Shape& shape, Generator& gen) {
+  Tensor t = Tensor::empty(shape);
+  for (std::size_t i = 0; i < t.numel(); ++i) t.mutable_data()[i] = gen.uniform();
+  return t;
+}
+
+Tensor randn(const Shape& shape, Generator& gen) {
+  Tensor t = Tensor::empty(shape);
+  for (std::size_t i = 0; i < t.numel(); ++i) t.mutable_data()[i] = gen.normal();
+  return t;
+}
+
+namespace detail {
+
+std::size_t normalize_axis(const char* op, int axis, std::size_t ndim) {
+  const auto n = static_cast<int>(ndim);
+  if (axis < -n || axis >= n)
+    throw IndexError(message(op, "axis ", axis, " is out of range for a tensor with ", ndim, " dimension",
+                             ndim == 1 ? "" : "s"));
+  return static_cast<std::size_t>(axis < 0 ? axis + n : axis);
+}
+
+Shape broadcast_shapes(const char* op, const Shape& a, const Shape& b) {
+  const std::size_t n = std::max(a.size(), b.size());
+  Shape out(n, 1);
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t da = i < n - a.size() ? 1 : a[i - (n - a.size())];
+    const std::size_t db = i < n - b.size() ? 1 : b[i - (n - b.size())];
+    if (da != db && da != 1 && db != 1)
+      throw ShapeError(message(op, "shapes ", to_string(a), " and ", to_string(b), " cannot be broadcast"));
+    out[i] = da == 1 ? db : da;
+  }
+  return out;
+}
+
+}  // namespace detail
+}  // namespace hesse
