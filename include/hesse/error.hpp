@@ -42,3 +42,13 @@ class IoError : public Error {
 };
 
 }  // namespace hesse
+
+namespace hesse {
+
+/// A request whose result would not fit the memory limit set for it.
+class MemoryLimitError : public Error {
+ public:
+  using Error::Error;
+};
+
+}  // namespace hesse

@@ -5,3 +5,7 @@
 #include "hesse/autograd.hpp"
 #include "hesse/ops.hpp"
 #include "hesse/check.hpp"
+#include "hesse/io.hpp"
+#include "hesse/nn/module.hpp"
+#include "hesse/nn/layers.hpp"
+#include "hesse/hessian.hpp"

@@ -94,6 +94,21 @@ Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb) {
 
 }  // namespace
 
+// y = x Wᵀ + b through BLAS's transpose flag (no copy of W)
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  if (x.ndim() < 1 || weight.ndim() != 2 || x.shape().back() != weight.shape()[1])
+    throw ShapeError(message("linear", "input of shape ", to_string(x.shape()), " does not fit weight of shape ",
+                             to_string(weight.shape()), " (expects [..., ", weight.ndim() == 2 ? weight.shape()[1] : 0,
+                             "])"));
+  if (bias.defined() && (bias.ndim() != 1 || bias.shape()[0] != weight.shape()[0]))
+    throw ShapeError(message("linear", "bias of shape ", to_string(bias.shape()), " does not fit weight of shape ",
+                             to_string(weight.shape())));
+  const Tensor x2 = x.ndim() == 1 ? unsqueeze(x, 0) : x;
+  Tensor y = matmul_t(x2, weight, false, true);
+  if (x.ndim() == 1) y = squeeze(y, 0);
+  return bias.defined() ? y + bias : y;
+}
+
 Tensor matmul(const Tensor& a, const Tensor& b) {
   if (a.ndim() == 0 || b.ndim() == 0)
     throw ShapeError(message("matmul", "0-d operands are not allowed (shapes ", to_string(a.shape()), " and ",

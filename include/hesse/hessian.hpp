@@ -1,0 +1,99 @@
+#pragma once
+// Hessians of models and losses with respect to a model's parameters
+// (layer 5 of DESIGN.md), in the vocabulary of the Python hesse library.
+//
+// Conventions (shared with PyTorch): parameters are concatenated in
+// registration order, each flattened row-major; block (P, Q) of a dict has
+// shape output.shape + P.shape + Q.shape; a model Hessian matrix has shape
+// output.shape + [n, n]; a loss Hessian is [n, n].
+//
+// How: the gradient is taken once with create_graph, then k rows of the
+// identity go through its graph in one batched backward pass (BLAS-sized
+// matrix products), chunk after chunk.
+#include <cstddef>
+#include <functional>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "hesse/nn/module.hpp"
+#include "hesse/tensor.hpp"
+
+namespace hesse {
+
+/// A loss: (model output, target) -> scalar tensor. Every hesse::nn loss fits.
+using Criterion = std::function<Tensor(const Tensor& output, const Tensor& target)>;
+
+struct HessianOptions {
+  /// Parameters to differentiate by, by dotted name; empty = every trainable one.
+  std::vector<std::string> params;
+  /// Only the (P, P) blocks; the work for the other blocks is not done.
+  bool diagonal_only = false;
+  /// The leading dimension of every input is a batch: each sample is evaluated
+  /// on its own and gets its own Hessian (as with vmap in the Python library).
+  bool is_batch = true;
+  /// Seeds pushed through one batched backward pass (0 = choose).
+  std::size_t chunk_size = 0;
+  /// Refuse, before allocating, a dense result larger than this (0 = the global
+  /// default, see set_hessian_memory_limit).
+  std::size_t max_bytes = 0;
+};
+
+/// The default limit for dense results (4 GiB unless changed).
+void set_hessian_memory_limit(std::size_t bytes);
+std::size_t hessian_memory_limit();
+
+/// Blocks keyed by parameter-name pairs, in registration order.
+class HessianDict {
+ public:
+  /// The selected parameter names, in order.
+  const std::vector<std::string>& names() const { return names_; }
+  /// Block (P, Q); a hesse::ValueError names a missing pair.
+  const Tensor& at(const std::string& p, const std::string& q) const;
+  const Tensor& operator()(const std::string& p, const std::string& q) const { return at(p, q); }
+  bool contains(const std::string& p, const std::string& q) const { return blocks_.count({p, q}) > 0; }
+  const std::map<std::pair<std::string, std::string>, Tensor>& blocks() const { return blocks_; }
+  /// Writes `<P>__<Q>.npy` for every block into `folder`.
+  void save(const std::string& folder) const;
+
+  std::vector<std::string> names_;
+  std::map<std::pair<std::string, std::string>, Tensor> blocks_;
+};
+
+// ---- model Hessians: d²model(inputs) / dθ² for every output entry ----
+HessianDict model_hessian_dict(nn::Module& model, const std::vector<Tensor>& inputs,
+                               const HessianOptions& options = {});
+Tensor model_hessian_matrix(nn::Module& model, const std::vector<Tensor>& inputs,
+                            const HessianOptions& options = {});
+
+// ---- loss Hessians: d² criterion(model(inputs), target) / dθ² ----
+HessianDict loss_hessian_dict(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
+                              const Tensor& target, const HessianOptions& options = {});
+Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
+                           const Tensor& target, const HessianOptions& options = {});
+/// [B, n, n]: the Hessian of each sample's loss criterion(model(x_b), y_b).
+Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
+                                 const Tensor& target, const HessianOptions& options = {});
+
+// ---- sharpness: the largest |eigenvalue| of each Hessian (LAPACK dsyevr) ----
+/// One value per output entry: shape output.shape.
+Tensor model_sharpness(nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& options = {});
+/// A scalar (a [B] vector with batch_loss_sharpness).
+double loss_sharpness(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
+                      const Tensor& target, const HessianOptions& options = {});
+Tensor batch_loss_sharpness(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
+                            const Tensor& target, const HessianOptions& options = {});
+
+// ---- matrix-free ----
+/// H v for the loss Hessian, v of shape [n] (or [k, n]: k products in one pass).
+Tensor hessian_vector_product(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
+                              const Tensor& target, const Tensor& v, const HessianOptions& options = {});
+/// The exact diagonal of the loss Hessian, [n].
+Tensor loss_hessian_diagonal(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
+                             const Tensor& target, const HessianOptions& options = {});
+
+/// The largest |eigenvalue| of a symmetric matrix [n, n] (or of each matrix in [..., n, n]).
+Tensor symmetric_sharpness(const Tensor& matrices);
+
+}  // namespace hesse
