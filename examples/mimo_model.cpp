@@ -10,22 +10,9 @@
 
 #include <hesse/hesse.hpp>
 
-using hesse::Tensor;
+#include "mimo_model.hpp"
 
-// A custom model: two registered parameter matrices, a trace and an hstack.
-struct MimoModel : hesse::nn::Module {
-  Tensor A, B;
-  MimoModel() {
-    A = register_parameter("A", hesse::randn({2, 2}));
-    B = register_parameter("B", hesse::randn({2, 2}));
-  }
-  Tensor forward(const std::vector<Tensor>& in) override {
-    const Tensor& x = in[0];
-    const Tensor& y = in[1];
-    return hesse::hstack({hesse::trace(hesse::matmul(hesse::transpose(A), A)) * x,
-                          hesse::trace(hesse::matmul(hesse::transpose(B), B)) * y});
-  }
-};
+using hesse::Tensor;
 
 // The seed README's expected Hessian: blocks c·I₄ with c = 2·x_ij (±).
 Tensor expected_hessian(const Tensor& x) {

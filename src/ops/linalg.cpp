@@ -6,10 +6,15 @@
 // only A is batched.
 #include <cblas.h>
 
+#include <atomic>
+
+#include "hesse/profile.hpp"
 #include "../detail.hpp"
 
 namespace hesse {
 namespace {
+
+std::atomic<std::uint64_t> flops{0};
 
 using detail::make;
 using detail::message;
@@ -42,6 +47,7 @@ MatmulDims matmul_dims(const Tensor& a, const Tensor& b, bool ta, bool tb) {
 Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb);
 
 void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
+  flops += 2 * std::uint64_t(d.m) * d.n * d.k;
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(d.m), int(d.n),
               int(d.k), 1.0, a, ta ? int(d.m) : int(d.k), b, tb ? int(d.k) : int(d.n), 0.0, c, int(d.n));
 }
@@ -93,6 +99,9 @@ Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb) {
 }
 
 }  // namespace
+
+std::uint64_t profile::gemm_flops() { return flops; }
+void profile::reset_gemm_flops() { flops = 0; }
 
 // y = x Wᵀ + b through BLAS's transpose flag (no copy of W)
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
