@@ -55,6 +55,16 @@ bool any_requires_grad(const std::vector<Tensor>& inputs) {
 Tensor record(const char* name, Tensor result, const std::vector<Tensor>& inputs, BackwardRule rule,
               bool save_output) {
   if (!any_requires_grad(inputs)) return result;
+  if (!result.defined())
+    throw Error(message(name, "recorded an undefined result"));
+  // a bug in an op, not in user code: recording onto an input (or onto a
+  // tensor another op made) would make a cycle or cut that tensor's history
+  if (result.grad_fn())
+    throw Error(message(name, "result is already the output of '", result.grad_fn()->name,
+                        "'; an op must record a fresh tensor"));
+  for (const Tensor& in : inputs)
+    if (in.defined() && in.impl() == result.impl())
+      throw Error(message(name, "result is one of its own inputs; an op must record a fresh tensor"));
   auto node = std::make_shared<Node>();
   node->name = name;
   node->sequence = next_sequence++;
@@ -109,6 +119,11 @@ class Pass {
     std::vector<Tensor> seeds;
     for (std::size_t i = 0; i < outputs.size(); ++i)
       seeds.push_back(seed_for(i, outputs[i], grad_outputs.empty() ? Tensor() : grad_outputs[i]));
+    // a scalar output's omitted seed is 1 for every seed of the batch
+    if (options_.batched_grad_outputs && !batch_.empty())
+      for (std::size_t i = 0; i < outputs.size(); ++i)
+        if (grad_outputs.empty() || !grad_outputs[i].defined())
+          seeds[i] = ones(detail::concat_shape(batch_, outputs[i].shape()));
 
     collect(outputs);
     const bool create_graph = options_.create_graph;
@@ -179,7 +194,7 @@ class Pass {
                                                                      : ""));
     if (options_.batched_grad_outputs) {
       Shape batch = detail::batch_dims(seed, o);
-      if (i == 0) batch_ = batch;
+      if (!batch_known_) batch_ = batch, batch_known_ = true;
       else if (batch != batch_)
         throw ShapeError(detail::message(api_, "batched seeds disagree on their batch dims: ", to_string(batch_),
                                          " and ", to_string(batch)));
@@ -264,9 +279,15 @@ class Pass {
         for (std::size_t k : it->second) accumulate(captured_[k], g);
       return;
     }
-    Tensor into(leaf->grad);
-    accumulate(into, g.requires_grad() ? g.detach() : g);
-    leaf->grad = into.impl();
+    if (leaf->grad) {
+      leaf->grad = (Tensor(leaf->grad) + (g.requires_grad() ? g.detach() : g)).impl();
+    } else if (!g.requires_grad() && g.impl().use_count() == 1 && g.impl()->storage.use_count() == 1) {
+      leaf->grad = g.impl();  // nobody else sees this buffer: take it
+    } else {
+      // a seed, or a gradient also sent elsewhere (z = a + b hands the same
+      // tensor to a and b): each leaf's .grad() gets its own storage
+      leaf->grad = g.clone().impl();
+    }
   }
 
   std::vector<Tensor> finish() {
@@ -283,6 +304,7 @@ class Pass {
   GradOptions options_;
   std::uint64_t epoch_;
   Shape batch_;
+  bool batch_known_ = false;
   std::vector<Node*> order_;
   std::unordered_map<const Node*, std::vector<std::size_t>> node_targets_;
   std::unordered_map<const detail::TensorImpl*, std::vector<std::size_t>> leaf_targets_;

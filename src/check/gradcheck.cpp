@@ -30,10 +30,12 @@ std::vector<Jacobian> numeric_jacobians(const TensorFunction& f, const std::vect
     double* x = moved[i].mutable_data();
     for (std::size_t j = 0; j < inputs[i].numel(); ++j) {
       const double orig = x[j];
+      // clone: f may return a view of its input (reshape shares storage), and
+      // the next perturbation would change it under our feet
       x[j] = orig + eps;
-      const Tensor plus = evaluate(f, moved);
+      const Tensor plus = evaluate(f, moved).clone();
       x[j] = orig - eps;
-      const Tensor minus = evaluate(f, moved);
+      const Tensor minus = evaluate(f, moved).clone();
       x[j] = orig;
       for (std::size_t k = 0; k < n_out; ++k) jac[i][j][k] = (plus.data()[k] - minus.data()[k]) / (2 * eps);
     }
@@ -54,6 +56,7 @@ std::vector<Jacobian> analytic_jacobians(const TensorFunction& f, const std::vec
   }
   std::vector<Tensor> wrt;
   for (std::size_t i : which) wrt.push_back(leaves[i]);
+  EnableGradGuard on;  // gradcheck may be called under a NoGradGuard
   const Tensor out = f(leaves);
   std::vector<Jacobian> jac(inputs.size());
   for (std::size_t i : which) jac[i].assign(inputs[i].numel(), std::vector<double>(out.numel(), 0.0));
@@ -91,13 +94,27 @@ bool compare(const char* api, const std::vector<Jacobian>& analytic, const std::
 
 }  // namespace
 
+namespace {
+void require_some_input(const char* api, const std::vector<Tensor>& inputs) {
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    if (!inputs[i].defined())
+      throw ValueError(detail::message(api, "input ", i, " is an undefined tensor"));
+  for (const Tensor& t : inputs)
+    if (t.requires_grad()) return;
+  throw ValueError(detail::message(api, "none of the ", inputs.size(),
+                                   " inputs requires grad: nothing would be checked (call requires_grad_())"));
+}
+}  // namespace
+
 bool gradcheck(const TensorFunction& f, const std::vector<Tensor>& inputs, const CheckOptions& options) {
+  require_some_input("gradcheck", inputs);
   const std::size_t n_out = evaluate(f, inputs).numel();
   return compare("gradcheck", analytic_jacobians(f, inputs), numeric_jacobians(f, inputs, options.eps, n_out),
                  options);
 }
 
 bool gradgradcheck(const TensorFunction& f, const std::vector<Tensor>& inputs, const CheckOptions& options) {
+  require_some_input("gradgradcheck", inputs);
   const Tensor out = evaluate(f, inputs);
   Generator gen(options.seed);
   Tensor v = randn(out.shape(), gen).requires_grad_(true);

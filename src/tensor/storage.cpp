@@ -3,6 +3,7 @@
 // capacity and handed out again; capacities are rounded up to powers of two
 // (small buffers) or 1/8 steps (large ones) so that sizes meet again.
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <new>
@@ -41,6 +42,8 @@ std::size_t round_capacity(std::size_t n) {
 }  // namespace
 
 Storage::Storage(std::size_t n) {
+  // rounding up and the byte count must not wrap around
+  if (n > std::numeric_limits<std::size_t>::max() / (2 * sizeof(double))) throw std::bad_alloc();
   const std::size_t want = round_capacity(n);
   Pool& p = pool();
   {
@@ -65,7 +68,8 @@ Storage::~Storage() {
   {
     std::lock_guard<std::mutex> lock(p.mutex);
     if (p.cached_bytes + bytes <= kMaxPooledBytes) {
-      p.free_list.emplace(capacity, data);
+      // in front of its equals: the most recently freed (cache-warm) buffer goes out first
+      p.free_list.emplace_hint(p.free_list.lower_bound(capacity), capacity, data);
       p.cached_bytes += bytes;
       return;
     }

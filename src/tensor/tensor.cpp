@@ -2,6 +2,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iomanip>
+#include <limits>
 #include <ostream>
 #include <sstream>
 
@@ -43,6 +45,15 @@ void manual_seed(std::uint64_t seed) { default_generator().seed(seed); }
 // ---- construction ----
 
 Tensor Tensor::empty(const Shape& shape) {
+  // a product that wraps around would give a buffer smaller than the shape says
+  if (std::find(shape.begin(), shape.end(), std::size_t(0)) == shape.end()) {
+    std::size_t numel = 1;
+    for (std::size_t d : shape) {
+      if (numel > std::numeric_limits<std::size_t>::max() / sizeof(double) / d)
+        throw ValueError(detail::message("Tensor", "shape ", to_string(shape), " has too many elements"));
+      numel *= d;
+    }
+  }
   auto impl = std::make_shared<detail::TensorImpl>();
   impl->shape = shape;
   impl->numel = numel_of(shape);
@@ -69,11 +80,52 @@ Tensor::Tensor(const xt::xarray<double>& value, bool requires_grad)
 Tensor::Tensor(std::initializer_list<double> values)
     : Tensor(from_values({values.size()}, values.begin())) {}
 
-Tensor::Tensor(std::initializer_list<std::initializer_list<double>> values)
-    : Tensor(xt::xarray<double>(values)) {}
+namespace {
+// Nested lists must be rectangular: xtensor would silently zero-pad ragged rows.
+[[noreturn]] void ragged(const std::string& where, std::size_t got, std::size_t want) {
+  throw ShapeError(detail::message("Tensor", "ragged nested initializer list: entry ", where, " has ", got,
+                                   " elements, expected ", want));
+}
+
+Tensor from_nested(std::initializer_list<std::initializer_list<double>> values) {
+  const std::size_t rows = values.size();
+  const std::size_t cols = rows ? values.begin()->size() : 0;
+  Tensor t = Tensor::empty({rows, cols});
+  double* o = t.mutable_data();
+  std::size_t r = 0;
+  for (const auto& row : values) {
+    if (row.size() != cols) ragged("[" + std::to_string(r) + "]", row.size(), cols);
+    o = std::copy(row.begin(), row.end(), o);
+    ++r;
+  }
+  return t;
+}
+
+Tensor from_nested(std::initializer_list<std::initializer_list<std::initializer_list<double>>> values) {
+  const std::size_t d0 = values.size();
+  const std::size_t d1 = d0 ? values.begin()->size() : 0;
+  const std::size_t d2 = d1 ? values.begin()->begin()->size() : 0;
+  Tensor t = Tensor::empty({d0, d1, d2});
+  double* o = t.mutable_data();
+  std::size_t i = 0;
+  for (const auto& plane : values) {
+    if (plane.size() != d1) ragged("[" + std::to_string(i) + "]", plane.size(), d1);
+    std::size_t j = 0;
+    for (const auto& row : plane) {
+      if (row.size() != d2) ragged("[" + std::to_string(i) + "][" + std::to_string(j) + "]", row.size(), d2);
+      o = std::copy(row.begin(), row.end(), o);
+      ++j;
+    }
+    ++i;
+  }
+  return t;
+}
+}  // namespace
+
+Tensor::Tensor(std::initializer_list<std::initializer_list<double>> values) : Tensor(from_nested(values)) {}
 
 Tensor::Tensor(std::initializer_list<std::initializer_list<std::initializer_list<double>>> values)
-    : Tensor(xt::xarray<double>(values)) {}
+    : Tensor(from_nested(values)) {}
 
 // ---- accessors ----
 
@@ -125,7 +177,9 @@ void Tensor::set_grad(const Tensor& g) {
   if (g.defined() && g.shape() != shape())
     throw ShapeError(detail::message("set_grad", "gradient of shape ", to_string(g.shape()),
                                      " for a tensor of shape ", to_string(shape())));
-  impl_->grad = g.impl();
+  // a gradient that carries a tape would keep its graph alive, and through a
+  // leaf edge back to this tensor, forever (a reference cycle)
+  impl_->grad = g.defined() && g.grad_fn() ? g.detach().impl() : g.impl();
 }
 
 void Tensor::backward(const Tensor& gradient, bool retain_graph) const {
@@ -184,7 +238,13 @@ Tensor arange(double stop) { return arange(0.0, stop, 1.0); }
 
 Tensor arange(double start, double stop, double step) {
   if (step == 0.0) throw ValueError("hesse::arange: step must not be zero");
+  if (!std::isfinite(start) || !std::isfinite(stop) || !std::isfinite(step))
+    throw ValueError(detail::message("arange", "start, stop and step must be finite, got ", start, ", ", stop,
+                                     ", ", step));
   const double count = std::ceil((stop - start) / step);
+  if (count >= 9.0e15)  // beyond exact integers in a double, and beyond any memory
+    throw ValueError(detail::message("arange", "[", start, ", ", stop, ") in steps of ", step, " has ", count,
+                                     " elements"));
   const std::size_t n = count > 0 ? static_cast<std::size_t>(count) : 0;
   Tensor t = Tensor::empty({n});
   for (std::size_t i = 0; i < n; ++i) t.mutable_data()[i] = start + step * static_cast<double>(i);
