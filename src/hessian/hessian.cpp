@@ -3,6 +3,7 @@
 // and each chunk's k Hessian rows are written straight into the result.
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <sstream>
 
 #include "hesse/hessian.hpp"
@@ -85,14 +86,23 @@ class RequestScope {
 
 std::size_t limit_of(const HessianOptions& o) { return o.max_bytes ? o.max_bytes : global_limit; }
 
-// Bytes of the dense result: `count` Hessians of the selection.
+// Bytes of the dense result: `count` Hessians of the selection (saturating
+// at SIZE_MAX, so that an overflow is refused rather than wrapped).
 std::size_t dense_bytes(const Selection& sel, std::size_t count, bool diagonal_only) {
+  auto mul = [](std::size_t a, std::size_t b) {
+    std::size_t r;
+    return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r;
+  };
+  auto add = [](std::size_t a, std::size_t b) {
+    std::size_t r;
+    return __builtin_add_overflow(a, b, &r) ? SIZE_MAX : r;
+  };
   std::size_t per = 0;
   if (diagonal_only)
-    for (std::size_t s : sel.sizes) per += s * s;
+    for (std::size_t s : sel.sizes) per = add(per, mul(s, s));
   else
-    per = sel.n * sel.n;
-  return per * count * sizeof(double);
+    per = mul(sel.n, sel.n);
+  return mul(mul(per, count), sizeof(double));
 }
 
 void check_memory(const char* api, const Selection& sel, std::size_t count, const HessianOptions& o) {
@@ -185,6 +195,7 @@ std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const
       throw ShapeError(detail::message(api, "inputs disagree on the batch size: ", to_string(inputs[0].shape()),
                                        " and ", to_string(x.shape())));
   }
+  if (b == 0) throw ValueError(detail::message(api, "the batch is empty (input 0 has shape ", to_string(inputs[0].shape()), ")"));
   if (target.defined() && (target.ndim() == 0 || target.shape()[0] != b))
     throw ShapeError(detail::message(api, "target of shape ", to_string(target.shape()),
                                      " does not match the batch size ", b, " of the inputs"));
@@ -195,6 +206,22 @@ std::vector<Tensor> sample(const std::vector<Tensor>& inputs, std::size_t b) {
   std::vector<Tensor> out;
   for (const Tensor& x : inputs) out.push_back(slice(x, 0, std::int64_t(b), std::int64_t(b) + 1));
   return out;
+}
+
+std::string shapes_of(const std::vector<Tensor>& inputs) {
+  std::string s;
+  for (const Tensor& x : inputs) s += (s.empty() ? "" : ", ") + to_string(x.shape());
+  return s;
+}
+
+// The model on sample b alone; a shape error says which batch it came from.
+Tensor run_sample(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, std::size_t b) {
+  try {
+    return model(sample(inputs, b));
+  } catch (const ShapeError& e) {
+    throw ShapeError(std::string(e.what()) + " [in hesse::" + api + ", is_batch: sample " + std::to_string(b) +
+                     " of inputs of shapes " + shapes_of(inputs) + "]");
+  }
 }
 
 Tensor scalar_loss(const char* api, const Criterion& criterion, const Tensor& output, const Tensor& target) {
@@ -216,7 +243,7 @@ void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor
   Shape out_shape;
   std::size_t per_sample = 0;
   for (std::size_t b = 0; b < batches; ++b) {
-    const Tensor y = o.is_batch ? model(sample(inputs, b)) : model(inputs);
+    const Tensor y = o.is_batch ? run_sample(api, model, inputs, b) : model(inputs);
     if (b == 0) {
       out_shape = y.shape();
       if (o.is_batch) {
@@ -255,6 +282,9 @@ const Tensor& HessianDict::at(const std::string& p, const std::string& q) const 
 }
 
 void HessianDict::save(const std::string& folder) const {
+  std::error_code ec;
+  std::filesystem::create_directories(folder, ec);
+  if (ec) throw IoError("hesse::HessianDict::save: cannot create folder '" + folder + "': " + ec.message());
   for (const auto& [key, block] : blocks_) save_npy(folder + "/" + key.first + "__" + key.second + ".npy", block);
 }
 
@@ -318,7 +348,7 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
   Tensor h = zeros({batches, sel.n, sel.n});
   for (std::size_t b = 0; b < batches; ++b) {
     const Tensor t = slice(target, 0, std::int64_t(b), std::int64_t(b) + 1);
-    const Tensor loss = scalar_loss(api, criterion, model(sample(inputs, b)), t);
+    const Tensor loss = scalar_loss(api, criterion, run_sample(api, model, inputs, b), t);
     hessian_rows(loss, Tensor(), sel, o, matrix_sink(h, b, sel));
   }
   return h;
@@ -387,6 +417,7 @@ Tensor hessian_vector_product(nn::Module& model, const Criterion& criterion, con
   const bool batched = v.ndim() == 2;
   const Tensor vk = batched ? v : unsqueeze(v, 0);
   const std::size_t k = vk.shape()[0];
+  if (!loss.requires_grad()) return zeros(v.shape());  // the loss does not depend on the selection
   std::vector<Tensor> seeds, wanted;
   GradOptions first;
   first.create_graph = true;
