@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <sstream>
+#include <unordered_set>
 
 #include "hesse/hessian.hpp"
 #include "hesse/io.hpp"
@@ -115,56 +116,137 @@ void check_memory(const char* api, const Selection& sel, std::size_t count, cons
         "(hessian_vector_product, loss_hessian_diagonal), or raise HessianOptions::max_bytes"));
 }
 
-std::size_t chunk_of(const HessianOptions& o, std::size_t rows) {
-  return std::max<std::size_t>(1, std::min(rows, o.chunk_size ? o.chunk_size : std::size_t(256)));
+// Entries of every tensor on y's tape: what one seed carries through a backward pass.
+std::size_t tape_elements(const Tensor& y) {
+  std::size_t total = 0;
+  std::vector<const Node*> stack;
+  std::unordered_set<const Node*> seen;
+  if (y.grad_fn()) stack.push_back(y.grad_fn().get());
+  while (!stack.empty()) {
+    const Node* n = stack.back();
+    stack.pop_back();
+    if (!seen.insert(n).second) continue;
+    total += numel_of(n->output_shape);
+    for (const Edge& e : n->edges)
+      if (e.node) stack.push_back(e.node.get());
+  }
+  return std::max<std::size_t>(total, 1);
 }
 
-// Receives k Hessian rows of parameter p (rows r0..r0+k of p, flattened)
-// against parameter q: k × numel(q) values, row-major.
-using RowSink = std::function<void(std::size_t p, std::size_t r0, std::size_t k, std::size_t q, const double* rows)>;
+// Seeds per backward pass: as many as keep the batched intermediates near
+// 2M entries (cache-sized), unless the user chose.
+std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_seed) {
+  const std::size_t k = o.chunk_size ? o.chunk_size : (std::size_t(2) << 20) / per_seed;
+  return std::max<std::size_t>(1, std::min(rows, k));
+}
 
-// Second derivatives of <seed, y> (a scalar y needs no seed) w.r.t. the selection.
-void hessian_rows(const Tensor& y, const Tensor& seed, const Selection& sel, const HessianOptions& o,
-                  const RowSink& sink) {
-  if (!y.requires_grad()) return;  // constant in θ: the Hessian is zero
-  GradOptions first;
-  first.create_graph = true;
-  first.allow_unused = true;
-  const std::vector<Tensor> g = grad({y}, sel.params, {seed}, first);
-  for (std::size_t p = 0; p < sel.params.size(); ++p) {
-    if (!g[p].defined() || !g[p].requires_grad()) continue;  // linear in θ_p: zero rows
-    const std::vector<Tensor> wrt = o.diagonal_only ? std::vector<Tensor>{sel.params[p]} : sel.params;
-    const std::size_t k_max = chunk_of(o, sel.sizes[p]);
-    for (std::size_t r0 = 0; r0 < sel.sizes[p]; r0 += k_max) {
-      const std::size_t k = std::min(k_max, sel.sizes[p] - r0);
-      Tensor seeds = zeros(detail::concat_shape({k}, sel.params[p].shape()));
-      for (std::size_t i = 0; i < k; ++i) seeds.mutable_data()[i * sel.sizes[p] + r0 + i] = 1.0;
-      GradOptions second;
-      second.retain_graph = true;
-      second.allow_unused = true;
-      second.batched_grad_outputs = true;
-      const std::vector<Tensor> rows = grad({g[p]}, wrt, {seeds}, second);
-      for (std::size_t w = 0; w < wrt.size(); ++w)
-        if (rows[w].defined()) sink(p, r0, k, o.diagonal_only ? p : w, rows[w].data());
+// Receives one Hessian row: output entry `entry` (within the group), row `row`
+// of parameter p (flattened), its part against parameter q (sizes[q] values).
+using RowSink = std::function<void(std::size_t entry, std::size_t p, std::size_t row, std::size_t q,
+                                   const double* values)>;
+
+// Output entries whose Hessians are computed together: the first-level
+// gradient takes all of them as one batch of seeds, and the second level
+// pushes (entry, row) pairs through as seeds. Small groups keep the seeds dense.
+constexpr std::size_t kEntryGroup = 8;
+
+// Hessians of the entries [first, first + count) of y, reported to sink with
+// entry = index - first.
+void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const Selection& sel,
+                  const HessianOptions& o, const RowSink& sink) {
+  if (!y.requires_grad()) return;  // constant in θ: the Hessians are zero
+  const std::size_t per_seed = count * tape_elements(y);
+  Tensor entry_seeds = zeros(detail::concat_shape({count}, y.shape()));
+  for (std::size_t e = 0; e < count; ++e) entry_seeds.mutable_data()[e * y.numel() + first + e] = 1.0;
+  GradOptions first_level;
+  first_level.create_graph = true;
+  first_level.allow_unused = true;
+  first_level.batched_grad_outputs = true;
+  const std::vector<Tensor> g = grad({y}, sel.params, {entry_seeds}, first_level);  // g[p]: [count, P.shape]
+
+  GradOptions second_level;
+  second_level.retain_graph = true;
+  second_level.allow_unused = true;
+  second_level.batched_grad_outputs = true;
+  // seeds for g[p]: k one-hot rows picking (entry, row of p) pairs
+  auto seeds_for = [&](std::size_t p, std::size_t k, const std::vector<std::pair<std::size_t, std::size_t>>& picks) {
+    Tensor seeds = zeros(detail::concat_shape({k, count}, sel.params[p].shape()));
+    for (std::size_t i = 0; i < k; ++i)
+      if (picks[i].second != SIZE_MAX)
+        seeds.mutable_data()[(i * count + picks[i].first) * sel.sizes[p] + picks[i].second] = 1.0;
+    return seeds;
+  };
+  auto live = [&](std::size_t p) { return g[p].defined() && g[p].requires_grad(); };
+
+  if (o.diagonal_only) {  // (P, P) blocks only: seeds and derivatives stay within P
+    for (std::size_t p = 0; p < sel.params.size(); ++p) {
+      if (!live(p)) continue;
+      const std::size_t total = count * sel.sizes[p], k_max = chunk_of(o, total, per_seed);
+      for (std::size_t t0 = 0; t0 < total; t0 += k_max) {
+        const std::size_t k = std::min(k_max, total - t0);
+        std::vector<std::pair<std::size_t, std::size_t>> picks(k);
+        for (std::size_t i = 0; i < k; ++i) picks[i] = {(t0 + i) / sel.sizes[p], (t0 + i) % sel.sizes[p]};
+        const Tensor rows = grad(g[p], sel.params[p], seeds_for(p, k, picks), second_level);
+        if (rows.defined())
+          for (std::size_t i = 0; i < k; ++i)
+            sink(picks[i].first, p, picks[i].second, p, rows.data() + i * sel.sizes[p]);
+      }
     }
+    return;
+  }
+  // full rows: chunks of (entry, global row) pairs; each chunk seeds the g[p]
+  // whose rows it touches, and one backward pass gives every block of those rows
+  const std::size_t total = count * sel.n, k_max = chunk_of(o, total, per_seed);
+  for (std::size_t t0 = 0; t0 < total; t0 += k_max) {
+    const std::size_t k = std::min(k_max, total - t0);
+    std::vector<Tensor> outputs, seeds;
+    std::vector<std::pair<std::size_t, std::size_t>> where(k);  // (p, row in p) of each seed
+    for (std::size_t i = 0; i < k; ++i) {
+      const std::size_t r = (t0 + i) % sel.n;
+      const std::size_t p = std::size_t(std::upper_bound(sel.offsets.begin(), sel.offsets.end(), r) -
+                                        sel.offsets.begin()) - 1;
+      where[i] = {p, r - sel.offsets[p]};
+    }
+    for (std::size_t p = 0; p < sel.params.size(); ++p) {
+      if (!live(p)) continue;
+      std::vector<std::pair<std::size_t, std::size_t>> picks(k, {0, SIZE_MAX});
+      bool touched = false;
+      for (std::size_t i = 0; i < k; ++i)
+        if (where[i].first == p) picks[i] = {(t0 + i) / sel.n, where[i].second}, touched = true;
+      if (!touched) continue;
+      outputs.push_back(g[p]);
+      seeds.push_back(seeds_for(p, k, picks));
+    }
+    if (outputs.empty()) continue;  // rows of parameters that enter linearly: zero
+    const std::vector<Tensor> rows = grad(outputs, sel.params, seeds, second_level);
+    for (std::size_t q = 0; q < sel.params.size(); ++q)
+      if (rows[q].defined())
+        for (std::size_t i = 0; i < k; ++i)
+          sink((t0 + i) / sel.n, where[i].first, where[i].second, q, rows[q].data() + i * sel.sizes[q]);
   }
 }
 
-// Sinks writing into the two result layouts; `entry` selects which Hessian.
-RowSink matrix_sink(Tensor& h, std::size_t entry, const Selection& sel) {
-  double* base = h.mutable_data() + entry * sel.n * sel.n;
-  return [base, &sel](std::size_t p, std::size_t r0, std::size_t k, std::size_t q, const double* rows) {
-    for (std::size_t i = 0; i < k; ++i)
-      std::memcpy(base + (sel.offsets[p] + r0 + i) * sel.n + sel.offsets[q], rows + i * sel.sizes[q],
-                  sel.sizes[q] * sizeof(double));
+// Hessians of every entry of y, in groups; entry e of y reports as base + e.
+void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
+                         const std::function<RowSink(std::size_t entry)>& sink_from) {
+  for (std::size_t first = 0; first < y.numel(); first += kEntryGroup)
+    hessian_rows(y, first, std::min(kEntryGroup, y.numel() - first), sel, o, sink_from(first));
+}
+
+// Sinks writing into the two result layouts, from output entry `base` on.
+RowSink matrix_sink(Tensor& h, std::size_t base, const Selection& sel) {
+  double* data = h.mutable_data();
+  return [data, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
+    std::memcpy(data + ((base + e) * sel.n + sel.offsets[p] + row) * sel.n + sel.offsets[q], values,
+                sel.sizes[q] * sizeof(double));
   };
 }
 
-RowSink dict_sink(HessianDict& d, std::size_t entry, const Selection& sel) {
-  return [&d, entry, &sel](std::size_t p, std::size_t r0, std::size_t k, std::size_t q, const double* rows) {
+RowSink dict_sink(HessianDict& d, std::size_t base, const Selection& sel) {
+  return [&d, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
     Tensor& block = d.blocks_.at({sel.names[p], sel.names[q]});
-    const std::size_t per = sel.sizes[p] * sel.sizes[q];
-    std::memcpy(block.mutable_data() + entry * per + r0 * sel.sizes[q], rows, k * sel.sizes[q] * sizeof(double));
+    std::memcpy(block.mutable_data() + ((base + e) * sel.sizes[p] + row) * sel.sizes[q], values,
+                sel.sizes[q] * sizeof(double));
   };
 }
 
@@ -257,11 +339,7 @@ void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor
       check_memory(api, sel, numel_of(out_shape), o);
       make_result(out_shape);
     }
-    for (std::size_t j = 0; j < per_sample; ++j) {
-      Tensor seed = zeros(y.shape());
-      seed.mutable_data()[j] = 1.0;
-      hessian_rows(y, seed, sel, o, sink_for(b * per_sample + j));
-    }
+    hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(b * per_sample + first); });
   }
 }
 
@@ -322,7 +400,7 @@ HessianDict loss_hessian_dict(nn::Module& model, const Criterion& criterion, con
   const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
   check_memory(api, sel, 1, o);
   HessianDict d = empty_dict(sel, {}, o.diagonal_only);
-  hessian_rows(loss, Tensor(), sel, o, dict_sink(d, 0, sel));
+  hessian_rows(loss, 0, 1, sel, o, dict_sink(d, 0, sel));
   return d;
 }
 
@@ -334,7 +412,7 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
   const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
   check_memory(api, sel, 1, o);
   Tensor h = zeros({sel.n, sel.n});
-  hessian_rows(loss, Tensor(), sel, o, matrix_sink(h, 0, sel));
+  hessian_rows(loss, 0, 1, sel, o, matrix_sink(h, 0, sel));
   return h;
 }
 
@@ -349,7 +427,7 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
   for (std::size_t b = 0; b < batches; ++b) {
     const Tensor t = slice(target, 0, std::int64_t(b), std::int64_t(b) + 1);
     const Tensor loss = scalar_loss(api, criterion, run_sample(api, model, inputs, b), t);
-    hessian_rows(loss, Tensor(), sel, o, matrix_sink(h, b, sel));
+    hessian_rows(loss, 0, 1, sel, o, matrix_sink(h, b, sel));
   }
   return h;
 }
@@ -453,11 +531,9 @@ Tensor loss_hessian_diagonal(nn::Module& model, const Criterion& criterion, cons
   RequestScope scope(model, sel);
   const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
   Tensor diag = zeros({sel.n});
-  hessian_rows(loss, Tensor(), sel, o,
-               [&](std::size_t p, std::size_t r0, std::size_t k, std::size_t, const double* rows) {
-                 for (std::size_t i = 0; i < k; ++i)
-                   diag.mutable_data()[sel.offsets[p] + r0 + i] = rows[i * sel.sizes[p] + r0 + i];
-               });
+  hessian_rows(loss, 0, 1, sel, o, [&](std::size_t, std::size_t p, std::size_t row, std::size_t, const double* v) {
+    diag.mutable_data()[sel.offsets[p] + row] = v[row];
+  });
   return diag;
 }
 
