@@ -11,6 +11,7 @@ struct MimoModel : hesse::nn::Module {
     B = register_parameter("B", hesse::randn({2, 2}, gen));
   }
   hesse::Tensor forward(const std::vector<hesse::Tensor>& in) override {
+    if (in.size() != 2) throw hesse::ValueError("MimoModel: takes two inputs (x, y), got " + std::to_string(in.size()));
     const hesse::Tensor& x = in[0];
     const hesse::Tensor& y = in[1];
     return hesse::hstack({hesse::trace(hesse::matmul(hesse::transpose(A), A)) * x,

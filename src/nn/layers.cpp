@@ -44,23 +44,47 @@ Bilinear::Bilinear(std::size_t in1, std::size_t in2, std::size_t out, bool with_
 }
 
 // y[n,k] = Σ_ij x1[n,i] W[k,i,j] x2[n,j]: one GEMM with W laid out as [in1, out·in2],
-// then a product with x2 and a sum over j.
+// then a product with x2 and a sum over j. As in PyTorch, the inputs may have any
+// leading dimensions (none included), the same for both: [..., in1] and [..., in2].
 Tensor Bilinear::forward(const std::vector<Tensor>& inputs) {
   if (inputs.size() != 2) throw ValueError(detail::message("Bilinear", "takes two inputs, got ", inputs.size()));
   const Tensor &x1 = inputs[0], &x2 = inputs[1];
   const std::size_t out = weight.shape()[0], in1 = weight.shape()[1], in2 = weight.shape()[2];
-  if (x1.ndim() != 2 || x2.ndim() != 2 || x1.shape()[1] != in1 || x2.shape()[1] != in2 ||
-      x1.shape()[0] != x2.shape()[0])
-    throw ShapeError(detail::message("Bilinear", "expects inputs of shapes [N, ", in1, "] and [N, ", in2, "], got ",
-                                     to_string(x1.shape()), " and ", to_string(x2.shape())));
+  bool fits = x1.ndim() >= 1 && x1.ndim() == x2.ndim() && x1.shape().back() == in1 && x2.shape().back() == in2;
+  for (std::size_t d = 0; fits && d + 1 < x1.ndim(); ++d) fits = x1.shape()[d] == x2.shape()[d];
+  if (!fits)
+    throw ShapeError(detail::message("Bilinear", "expects inputs of shapes [..., ", in1, "] and [..., ", in2,
+                                     "] with the same leading dimensions, got ", to_string(x1.shape()), " and ",
+                                     to_string(x2.shape())));
+  const Shape lead(x1.shape().begin(), x1.shape().end() - 1);
+  const std::size_t n = numel_of(lead);
+  const Tensor a = x1.ndim() == 2 ? x1 : reshape(x1, Shape{n, in1});
+  const Tensor b = x2.ndim() == 2 ? x2 : reshape(x2, Shape{n, in2});
   const Tensor w = reshape(permute(weight, {1, 0, 2}), Shape{in1, out * in2});
-  const Tensor t = reshape(matmul(x1, w), Shape{x1.shape()[0], out, in2});
-  Tensor y = sum(t * unsqueeze(x2, 1), {-1});
-  return bias.defined() ? y + bias : y;
+  const Tensor t = reshape(matmul(a, w), Shape{n, out, in2});
+  Tensor y = sum(t * unsqueeze(b, 1), {-1});
+  if (bias.defined()) y = y + bias;
+  if (x1.ndim() == 2) return y;
+  Shape shape = lead;
+  shape.push_back(out);
+  return reshape(y, shape);
 }
 
+namespace {
+const char* activation_name(Activation::Kind kind) {
+  switch (kind) {
+    case Activation::Kind::tanh: return "Tanh";
+    case Activation::Kind::sigmoid: return "Sigmoid";
+    case Activation::Kind::relu: return "ReLU";
+    case Activation::Kind::softplus: return "Softplus";
+    case Activation::Kind::gelu: return "GELU";
+  }
+  return "Activation";
+}
+}  // namespace
+
 Tensor Activation::forward(const std::vector<Tensor>& inputs) {
-  const Tensor& x = single_input("Activation", inputs);
+  const Tensor& x = single_input(activation_name(kind_), inputs);
   switch (kind_) {
     case Kind::tanh: return tanh(x);
     case Kind::sigmoid: return sigmoid(x);

@@ -1,8 +1,10 @@
 // Module: parameter registry with PyTorch's naming and ordering.
+#include <algorithm>
 #include <filesystem>
 #include <iomanip>
 #include <ostream>
 #include <sstream>
+#include <unordered_set>
 
 #include "hesse/io.hpp"
 #include "hesse/nn/module.hpp"
@@ -39,9 +41,17 @@ void Module::collect(const std::string& prefix, std::vector<NamedTensor>& out) c
   for (const auto& [name, child] : children_) child->collect(prefix + name + ".", out);
 }
 
+// A tensor reachable under several names (a tied weight, a submodule registered
+// twice) is listed once, under its first name, as PyTorch's remove_duplicate=True
+// does: it is one set of variables for gradients, Hessians and save/load.
 std::vector<NamedTensor> Module::named_parameters() const {
+  std::vector<NamedTensor> all;
+  collect("", all);
   std::vector<NamedTensor> out;
-  collect("", out);
+  out.reserve(all.size());
+  std::unordered_set<const void*> seen;
+  for (auto& p : all)
+    if (seen.insert(p.second.impl().get()).second) out.push_back(std::move(p));
   return out;
 }
 
@@ -77,7 +87,11 @@ std::size_t Module::num_parameters(bool trainable_only) const {
 std::vector<std::pair<std::string, Module*>> Module::named_modules() {
   std::vector<std::pair<std::string, Module*>> out{{"", this}};
   for (auto& [name, child] : children_)
-    for (auto& [sub, m] : child->named_modules()) out.emplace_back(sub.empty() ? name : name + "." + sub, m);
+    for (auto& [sub, m] : child->named_modules()) {
+      bool seen = false;  // a module registered twice is listed once, as in PyTorch
+      for (const auto& o : out) seen = seen || o.second == m;
+      if (!seen) out.emplace_back(sub.empty() ? name : name + "." + sub, m);
+    }
   return out;
 }
 
