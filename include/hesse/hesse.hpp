@@ -8,4 +8,7 @@
 #include "hesse/io.hpp"
 #include "hesse/nn/module.hpp"
 #include "hesse/nn/layers.hpp"
+#include "hesse/nn/loss.hpp"
+#include "hesse/nn/optim.hpp"
+#include "hesse/nn/data.hpp"
 #include "hesse/hessian.hpp"
