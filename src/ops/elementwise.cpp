@@ -22,6 +22,11 @@ Tensor map_unary(const Tensor& x, F f) {
   return out;
 }
 
+// True when `inner` equals the trailing dimensions of `outer`.
+bool trails(const Shape& inner, const Shape& outer) {
+  return inner.size() <= outer.size() && std::equal(inner.begin(), inner.end(), outer.end() - std::ptrdiff_t(inner.size()));
+}
+
 template <class F>
 Tensor map_binary(const char* op, const Tensor& a, const Tensor& b, F f) {
   const double* pa = a.data();
@@ -41,6 +46,14 @@ Tensor map_binary(const char* op, const Tensor& a, const Tensor& b, F f) {
   } else if (a.numel() == 1 && shape == b.shape()) {
     const double s = pa[0];
     for (std::size_t i = 0, n = b.numel(); i < n; ++i) o[i] = f(s, pb[i]);
+  } else if (shape == a.shape() && b.numel() > 0 && a.numel() % b.numel() == 0 && trails(b.shape(), a.shape())) {
+    const std::size_t nb = b.numel();  // b repeats along a's leading dims (e.g. seed batches)
+    for (std::size_t i = 0, n = a.numel(); i < n; i += nb)
+      for (std::size_t j = 0; j < nb; ++j) o[i + j] = f(pa[i + j], pb[j]);
+  } else if (shape == b.shape() && a.numel() > 0 && b.numel() % a.numel() == 0 && trails(a.shape(), b.shape())) {
+    const std::size_t na = a.numel();
+    for (std::size_t i = 0, n = b.numel(); i < n; i += na)
+      for (std::size_t j = 0; j < na; ++j) o[i + j] = f(pa[j], pb[i + j]);
   } else {
     detail::for_each_broadcast(shape, detail::broadcast_strides(a.shape(), shape),
                                detail::broadcast_strides(b.shape(), shape),
@@ -130,7 +143,13 @@ Tensor operator*(const Tensor& x, double s) {
                 [s](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g * s}; });
 }
 Tensor operator*(double s, const Tensor& x) { return x * s; }
-Tensor operator/(const Tensor& x, double s) { return x * (1.0 / s); }
+
+// (x / s)' = 1 / s  (divides, rather than multiplying by 1/s, so values match x / s exactly)
+Tensor operator/(const Tensor& x, double s) {
+  Tensor out = map_unary(x, [s](double v) { return v / s; });
+  return record("div_scalar", out, {x},
+                [s](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g / s}; });
+}
 
 // (s / x)' = -s / x² = -out / x
 Tensor operator/(double s, const Tensor& x) {
@@ -151,9 +170,12 @@ Tensor neg(const Tensor& x) {
   return record("neg", out, {x}, [](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{neg(g)}; });
 }
 
-// (x^p)' = p x^(p-1)
+// (x^p)' = p x^(p-1);  (x^0)' = 0 also at x = 0 (where p x^(p-1) would be 0 · inf)
 Tensor pow(const Tensor& x, double p) {
   if (p == 1.0) return x * 1.0;
+  if (p == 0.0)
+    return record("pow", ones(x.shape()), {x},
+                  [](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g * 0.0}; });
   Tensor out = map_unary(x, [p](double v) { return p == 2.0 ? v * v : std::pow(v, p); });
   return record("pow", out, {x}, [x, p](const Tensor& g, const Tensor&, Needs) {
     return std::vector<Tensor>{g * (pow(x, p - 1.0) * p)};
@@ -197,12 +219,36 @@ Tensor square(const Tensor& x) {
                 [x](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g * (x * 2.0)}; });
 }
 
+// The derivatives of tanh and σ as fused ops of (g, y): one pass instead of
+// four over the (often seed-batched) gradient, and differentiable again.
+namespace {
+
+// g (1 - y²);  ∂/∂g = (1 - y²),  ∂/∂y = -2 g y
+Tensor tanh_backward(const Tensor& g, const Tensor& y) {
+  Tensor out = map_binary("tanh_backward", g, y, [](double a, double b) { return a * (1.0 - b * b); });
+  return record("tanh_backward", out, {g, y}, [g, y, so = out.shape()](const Tensor& gg, const Tensor&, Needs needs) {
+    return std::vector<Tensor>{needs[0] ? reduce_grad(tanh_backward(gg, y), so, g.shape()) : Tensor(),
+                               needs[1] ? reduce_grad(gg * g * (y * -2.0), so, y.shape()) : Tensor()};
+  });
+}
+
+// g y (1 - y);  ∂/∂g = y (1 - y),  ∂/∂y = g (1 - 2y)
+Tensor sigmoid_backward(const Tensor& g, const Tensor& y) {
+  Tensor out = map_binary("sigmoid_backward", g, y, [](double a, double b) { return a * b * (1.0 - b); });
+  return record("sigmoid_backward", out, {g, y}, [g, y, so = out.shape()](const Tensor& gg, const Tensor&, Needs needs) {
+    return std::vector<Tensor>{needs[0] ? reduce_grad(sigmoid_backward(gg, y), so, g.shape()) : Tensor(),
+                               needs[1] ? reduce_grad(gg * g * (1.0 - y * 2.0), so, y.shape()) : Tensor()};
+  });
+}
+
+}  // namespace
+
 // tanh' = 1 - tanh²
 Tensor tanh(const Tensor& x) {
   Tensor out = map_unary(x, [](double v) { return std::tanh(v); });
   return record(
       "tanh", out, {x},
-      [](const Tensor& g, const Tensor& out, Needs) { return std::vector<Tensor>{g * (1.0 - square(out))}; }, true);
+      [](const Tensor& g, const Tensor& out, Needs) { return std::vector<Tensor>{tanh_backward(g, out)}; }, true);
 }
 
 // σ' = σ (1 - σ)
@@ -210,7 +256,7 @@ Tensor sigmoid(const Tensor& x) {
   Tensor out = map_unary(x, [](double v) { return v >= 0 ? 1.0 / (1.0 + std::exp(-v)) : std::exp(v) / (1.0 + std::exp(v)); });
   return record(
       "sigmoid", out, {x},
-      [](const Tensor& g, const Tensor& out, Needs) { return std::vector<Tensor>{g * (out * (1.0 - out))}; }, true);
+      [](const Tensor& g, const Tensor& out, Needs) { return std::vector<Tensor>{sigmoid_backward(g, out)}; }, true);
 }
 
 // relu' = 1 where x > 0, else 0

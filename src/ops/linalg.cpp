@@ -46,10 +46,53 @@ MatmulDims matmul_dims(const Tensor& a, const Tensor& b, bool ta, bool tb) {
 
 Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb);
 
+// Tiny products (per-sample Hessians are full of them) cost more in BLAS's
+// call and packing overhead than in arithmetic: a plain loop does them.
+void small_gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
+  const std::size_t m = d.m, n = d.n, k = d.k;
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j) {
+      double acc = 0.0;
+      for (std::size_t p = 0; p < k; ++p) acc += (ta ? a[p * m + i] : a[i * k + p]) * (tb ? b[j * k + p] : b[p * n + j]);
+      c[i * n + j] = acc;
+    }
+}
+
 void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
   flops += 2 * std::uint64_t(d.m) * d.n * d.k;
+  if (d.m * d.n * d.k <= 512) return small_gemm(ta, tb, d, a, b, c);
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(d.m), int(d.n),
               int(d.k), 1.0, a, ta ? int(d.m) : int(d.k), b, tb ? int(d.k) : int(d.n), 0.0, c, int(d.n));
+}
+
+// C[i] = op(A) op(B[i]) for a batch of B's and one A, as one folded GEMM
+// (k small GEMMs run ~3× slower than one of the same work):
+//   tb:  stack op(B[i])ᵀ = B[i] as rows, D = [B[0]; B[1]; ...] op(A)ᵀ, C[i] = D[i]ᵀ
+//   !tb: lay the B[i] side by side, E = op(A) [B[0] B[1] ...], C[i] = E[:, i]
+void matmul_shared_a(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulDims& d, std::size_t batches,
+                     double* c) {
+  const std::size_t m = d.m, n = d.n, k = d.k;
+  Tensor tmp_t = Tensor::empty({batches * m * n});  // pooled: fresh memory is slow to fault in
+  double* tmp = tmp_t.mutable_data();
+  if (tb) {
+    MatmulDims folded{batches * n, k, m, {}};
+    gemm(false, !ta, folded, b.data(), a.data(), tmp);  // [batches·n, m]
+    for (std::size_t i = 0; i < batches; ++i)
+      for (std::size_t r = 0; r < n; ++r)
+        for (std::size_t col = 0; col < m; ++col) c[(i * m + col) * n + r] = tmp[(i * n + r) * m + col];
+    return;
+  }
+  Tensor side_t = Tensor::empty({k * batches * n});  // [k, batches, n]
+  double* side = side_t.mutable_data();
+  const double* pb = b.data();
+  for (std::size_t i = 0; i < batches; ++i)
+    for (std::size_t r = 0; r < k; ++r)
+      std::copy(pb + (i * k + r) * n, pb + (i * k + r + 1) * n, side + (r * batches + i) * n);
+  MatmulDims wide{m, k, batches * n, {}};
+  gemm(ta, false, wide, a.data(), side, tmp);  // [m, batches·n]
+  for (std::size_t i = 0; i < batches; ++i)
+    for (std::size_t r = 0; r < m; ++r)
+      std::copy(tmp + (r * batches + i) * n, tmp + (r * batches + i + 1) * n, c + (i * m + r) * n);
 }
 
 Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulDims& d) {
@@ -67,6 +110,21 @@ Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
       return out;
     }
     gemm(ta, tb, folded, a.data(), b.data(), out.mutable_data());
+    return out;
+  }
+  if (!a_batched && b_batched && numel_of(lead(b.shape())) == batches) {
+    matmul_shared_a(a, b, ta, tb, d, batches, out.mutable_data());
+    return out;
+  }
+  if (a_batched && !b_batched && numel_of(lead(a.shape())) == batches) {
+    // C[i] = op(A[i]) op(B)  <=>  C[i]ᵀ = op(B)ᵀ op(A[i])ᵀ: B is the shared left factor
+    Tensor transposed_t = Tensor::empty({batches * d.m * d.n});
+    const double* transposed = transposed_t.data();
+    matmul_shared_a(b, a, !tb, !ta, MatmulDims{d.n, d.k, d.m, {}}, batches, transposed_t.mutable_data());
+    double* c = out.mutable_data();
+    for (std::size_t i = 0; i < batches; ++i)
+      for (std::size_t r = 0; r < d.n; ++r)
+        for (std::size_t col = 0; col < d.m; ++col) c[(i * d.m + col) * d.n + r] = transposed[(i * d.n + r) * d.m + col];
     return out;
   }
   // one GEMM per batch entry, operands read through broadcast strides

@@ -73,7 +73,8 @@ std::vector<bool> axes_mask(const char* op, const Tensor& x, const std::vector<i
   std::vector<bool> reduce(x.ndim(), false);
   for (int a : axes) {
     const std::size_t d = detail::normalize_axis(op, a, x.ndim());
-    if (reduce[d]) throw IndexError(detail::message(op, "axis ", a, " is listed twice"));
+    if (reduce[d])
+      throw IndexError(detail::message(op, "axis ", a, " is listed twice for shape ", to_string(x.shape())));
     reduce[d] = true;
   }
   return reduce;
@@ -183,9 +184,9 @@ Tensor logsumexp(const Tensor& x, int axis, bool keepdim) {
 
 namespace {
 // Index of the first maximum along the split axis, for each (outer, inner).
-std::vector<std::size_t> argmax_kernel(const Tensor& x, std::size_t ax) {
+std::vector<std::size_t> argmax_kernel(const char* op, const Tensor& x, int axis, std::size_t ax) {
   const auto [outer, n, inner] = split_at(x.shape(), ax);
-  if (n == 0) throw ShapeError(detail::message("max", "axis ", ax, " of shape ", to_string(x.shape()), " is empty"));
+  if (n == 0) throw ShapeError(detail::message(op, "axis ", axis, " of shape ", to_string(x.shape()), " is empty"));
   std::vector<std::size_t> idx(outer * inner, 0);
   const double* in = x.data();
   for (std::size_t a = 0; a < outer; ++a)
@@ -204,7 +205,7 @@ std::vector<std::size_t> argmax_kernel(const Tensor& x, std::size_t ax) {
 // max' = 1 at the (first) maximum, 0 elsewhere
 Tensor max(const Tensor& x, int axis, bool keepdim) {
   const std::size_t ax = detail::normalize_axis("max", axis, x.ndim());
-  const std::vector<std::size_t> idx = argmax_kernel(x, ax);
+  const std::vector<std::size_t> idx = argmax_kernel("max", x, axis, ax);
   const auto [outer, n, inner] = split_at(x.shape(), ax);
   const Shape kept = with_one_at(x.shape(), ax);
   Tensor out = make(keepdim ? kept : drop_axes(x.shape(), axes_mask("max", x, {axis})));
@@ -222,7 +223,7 @@ Tensor max(const Tensor& x, int axis, bool keepdim) {
 
 Tensor argmax(const Tensor& x, int axis, bool keepdim) {
   const std::size_t ax = detail::normalize_axis("argmax", axis, x.ndim());
-  const std::vector<std::size_t> idx = argmax_kernel(x, ax);
+  const std::vector<std::size_t> idx = argmax_kernel("argmax", x, axis, ax);
   Tensor out = make(keepdim ? with_one_at(x.shape(), ax) : drop_axes(x.shape(), axes_mask("argmax", x, {axis})));
   for (std::size_t i = 0; i < idx.size(); ++i) out.mutable_data()[i] = double(idx[i]);
   return out;

@@ -165,10 +165,13 @@ Tensor reshape(const Tensor& x, std::initializer_list<std::int64_t> shape) {
 }
 
 Tensor flatten(const Tensor& x, int start, int end) {
+  // a 0-d tensor flattens to [1]; its axes are checked as if it had one dimension (like PyTorch)
+  const std::size_t s = detail::normalize_axis("flatten", start, std::max<std::size_t>(x.ndim(), 1));
+  const std::size_t e = detail::normalize_axis("flatten", end, std::max<std::size_t>(x.ndim(), 1));
   if (x.ndim() == 0) return reshape(x, Shape{1});
-  const std::size_t s = detail::normalize_axis("flatten", start, x.ndim());
-  const std::size_t e = detail::normalize_axis("flatten", end, x.ndim());
-  if (s > e) throw IndexError(message("flatten", "start axis ", start, " comes after end axis ", end));
+  if (s > e)
+    throw IndexError(message("flatten", "start axis ", start, " comes after end axis ", end, " for shape ",
+                             to_string(x.shape())));
   Shape shape(x.shape().begin(), x.shape().begin() + std::ptrdiff_t(s));
   shape.push_back(detail::prod(x.shape(), s, e + 1));
   shape.insert(shape.end(), x.shape().begin() + std::ptrdiff_t(e + 1), x.shape().end());
@@ -187,8 +190,11 @@ Tensor squeeze(const Tensor& x, int axis) {
 
 Tensor unsqueeze(const Tensor& x, int axis) {
   const std::size_t ax = detail::normalize_axis("unsqueeze", axis, x.ndim() + 1);
-  Shape shape = x.shape();
-  shape.insert(shape.begin() + std::ptrdiff_t(ax), 1);
+  Shape shape;  // (svector::insert of a single value trips GCC's -Warray-bounds)
+  for (std::size_t d = 0; d <= x.ndim(); ++d) {
+    if (d == ax) shape.push_back(1);
+    if (d < x.ndim()) shape.push_back(x.shape()[d]);
+  }
   return reshape(x, shape);
 }
 
@@ -218,7 +224,8 @@ Tensor permute(const Tensor& x, const std::vector<int>& axes) {
   std::vector<bool> seen(n, false);
   for (std::size_t i = 0; i < n; ++i) {
     perm[i] = detail::normalize_axis("permute", axes[i], n);
-    if (seen[perm[i]]) throw IndexError(message("permute", "axis ", axes[i], " is repeated"));
+    if (seen[perm[i]])
+      throw IndexError(message("permute", "axis ", axes[i], " is repeated for a tensor of shape ", to_string(x.shape())));
     seen[perm[i]] = true;
   }
   bool identity = true;
@@ -313,14 +320,19 @@ Tensor hstack(const std::vector<Tensor>& xs) {
   if (xs.empty()) throw ValueError("hesse::hstack: no tensors given");
   std::vector<Tensor> parts;
   for (const Tensor& t : xs) parts.push_back(t.ndim() == 0 ? reshape(t, Shape{1}) : t);
-  return concatenate(parts, parts[0].ndim() == 1 ? 0 : 1);
+  try {
+    return concatenate(parts, parts[0].ndim() == 1 ? 0 : 1);
+  } catch (const ShapeError& e) {  // name the op the user called
+    throw ShapeError(message("hstack", "via ", e.what()));
+  }
 }
 
 // ---- slicing and indexing ----
 
 Tensor slice(const Tensor& x, int axis, std::int64_t start, std::int64_t stop, std::int64_t step) {
   const std::size_t ax = detail::normalize_axis("slice", axis, x.ndim());
-  if (step <= 0) throw ValueError(message("slice", "step must be positive, got ", step));
+  if (step <= 0)
+    throw ValueError(message("slice", "step must be positive, got ", step, " (shape ", to_string(x.shape()), ")"));
   const auto n = static_cast<std::int64_t>(x.shape()[ax]);
   auto clamp = [n](std::int64_t i) { return std::clamp(i < 0 ? i + n : i, std::int64_t(0), n); };
   const std::int64_t b = clamp(start), e = clamp(stop);

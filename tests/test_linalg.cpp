@@ -1,0 +1,489 @@
+#define BOOST_TEST_MODULE linalg
+#include "test_util.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <xtensor/xarray.hpp>
+#include <xtensor/xmath.hpp>
+
+using namespace hesse;
+
+namespace {
+
+// ---- helpers (the same block opens each op-family test file) ----
+
+/// Largest |a - b| entrywise; infinity when the shapes differ or any entry is NaN
+/// (testing::max_abs_diff lets NaN through: std::max(m, NaN) is m).
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  if (a.shape() != b.shape()) {
+    BOOST_ERROR("shapes differ: " << to_string(a.shape()) << " vs " << to_string(b.shape()));
+    return INFINITY;
+  }
+  double m = 0.0;
+  for (std::size_t i = 0; i < a.numel(); ++i) {
+    const double d = std::abs(a.data()[i] - b.data()[i]);
+    if (!(d <= m)) m = std::isnan(d) ? INFINITY : d;
+  }
+  return m;
+}
+
+/// HESSE_CHECK_CLOSE that also fails on NaN.
+#define CHECK_CLOSE(a, b, tol)                                                       \
+  do {                                                                               \
+    const double diff_ = max_abs_diff((a), (b));                                     \
+    BOOST_CHECK_MESSAGE(diff_ <= (tol), "max |" #a " - " #b "| = " << diff_);        \
+  } while (0)
+
+Tensor leaf(Tensor t) { return t.requires_grad_(true); }
+
+/// Standard normal entries, requiring grad.
+Tensor normal(const Shape& s, Generator& gen) { return leaf(randn(s, gen)); }
+
+/// Entries uniform on [lo, hi), requiring grad.
+[[maybe_unused]] Tensor uniform(const Shape& s, Generator& gen, double lo, double hi) {
+  Tensor t = Tensor::empty(s);
+  for (std::size_t i = 0; i < t.numel(); ++i) t.mutable_data()[i] = gen.uniform(lo, hi);
+  return leaf(t);
+}
+
+/// Normal entries pushed at least `margin` away from 0 (away from kinks).
+[[maybe_unused]] Tensor away_from_zero(const Shape& s, Generator& gen, double margin = 0.2) {
+  Tensor t = randn(s, gen);
+  for (std::size_t i = 0; i < t.numel(); ++i) {
+    double& v = t.mutable_data()[i];
+    v = v >= 0 ? v + margin : v - margin;
+  }
+  return leaf(t);
+}
+
+/// Row i of a tensor along its first axis, as a fresh tensor.
+Tensor row(const Tensor& t, std::size_t i) {
+  Tensor r = Tensor::empty(Shape(t.shape().begin() + 1, t.shape().end()));
+  std::copy_n(t.data() + i * r.numel(), r.numel(), r.mutable_data());
+  return r;
+}
+
+Tensor or_zeros(const Tensor& t, const Shape& s) { return t.defined() ? t : zeros(s); }
+
+Shape prepend(std::size_t k, const Shape& s) {
+  Shape out{k};
+  out.insert(out.end(), s.begin(), s.end());
+  return out;
+}
+
+/// gradcheck and gradgradcheck of f at `inputs`, reporting the worst entry on failure.
+void check_derivatives(const std::string& name, const TensorFunction& f, const std::vector<Tensor>& inputs,
+                       CheckOptions options = {}) {
+  for (const bool second : {false, true}) {
+    try {
+      const bool ok = second ? gradgradcheck(f, inputs, options) : gradcheck(f, inputs, options);
+      BOOST_CHECK_MESSAGE(ok, name << (second ? ": gradgradcheck" : ": gradcheck") << " failed");
+    } catch (const std::exception& e) {
+      BOOST_ERROR(name << (second ? ": gradgradcheck: " : ": gradcheck: ") << e.what());
+    }
+  }
+}
+
+/// Seeds with k extra leading batch dims must give exactly the k gradients of
+/// one seed at a time, at first order and at second order (the batched
+/// first-order gradient differentiated again, w.r.t. the inputs and the seeds).
+void check_batched_seeds(const std::string& name, const TensorFunction& f, const std::vector<Tensor>& xs,
+                         std::size_t k = 3, std::uint64_t seed = 7) {
+  constexpr double tol = 1e-14;
+  Generator gen(seed);
+  const Tensor y = f(xs);
+  const Tensor V = leaf(randn(prepend(k, y.shape()), gen));
+  GradOptions batched;
+  batched.create_graph = true;
+  batched.allow_unused = true;
+  batched.batched_grad_outputs = true;
+  const std::vector<Tensor> Gb = grad({y}, xs, {V}, batched);
+
+  // second-order seeds: w[i][j] for seed i and input j; the batched pass gets
+  // W_j of shape [k, k, x_j] holding w[i][j] at [i, i] and zeros elsewhere
+  std::vector<std::vector<Tensor>> w(k);
+  std::vector<Tensor> outs, seeds;
+  for (std::size_t j = 0; j < xs.size(); ++j) {
+    Tensor W = zeros(prepend(k, prepend(k, xs[j].shape())));
+    const std::size_t n = xs[j].numel();
+    for (std::size_t i = 0; i < k; ++i) {
+      w[i].push_back(randn(xs[j].shape(), gen));
+      std::copy_n(w[i][j].data(), n, W.mutable_data() + (i * k + i) * n);
+    }
+    if (Gb[j].defined() && Gb[j].requires_grad()) outs.push_back(Gb[j]), seeds.push_back(W);
+  }
+  std::vector<Tensor> wrt = xs;
+  wrt.push_back(V);
+  GradOptions second;
+  second.allow_unused = true;
+  second.batched_grad_outputs = true;
+  second.retain_graph = true;
+  const std::vector<Tensor> Hb = grad(outs, wrt, seeds, second);
+
+  for (std::size_t i = 0; i < k; ++i) {
+    const Tensor Vi = leaf(row(V, i).detach());
+    GradOptions one;
+    one.create_graph = true;
+    one.allow_unused = true;
+    const std::vector<Tensor> Gi = grad({y}, xs, {Vi}, one);
+    std::vector<Tensor> outs_i, seeds_i;
+    for (std::size_t j = 0; j < xs.size(); ++j) {
+      const Tensor gb = row(or_zeros(Gb[j], prepend(k, xs[j].shape())), i);
+      const double d = max_abs_diff(gb, or_zeros(Gi[j], xs[j].shape()));
+      BOOST_CHECK_MESSAGE(d <= tol, name << ": batched first-order gradient, seed " << i << ", input " << j
+                                         << " differs by " << d);
+      if (Gi[j].defined() && Gi[j].requires_grad()) outs_i.push_back(Gi[j]), seeds_i.push_back(w[i][j]);
+    }
+    std::vector<Tensor> wrt_i = xs;
+    wrt_i.push_back(Vi);
+    GradOptions plain;
+    plain.allow_unused = true;
+    plain.retain_graph = true;
+    const std::vector<Tensor> Hi = grad(outs_i, wrt_i, seeds_i, plain);
+    for (std::size_t j = 0; j <= xs.size(); ++j) {
+      const Shape s = wrt_i[j].shape();
+      const Tensor hi = or_zeros(Hi[j], s);
+      Tensor hb = row(or_zeros(Hb[j], prepend(k, wrt[j].shape())), i);
+      if (j == xs.size()) {  // d/dV: only block i of V is involved
+        for (std::size_t l = 0; l < k; ++l) {
+          const double d = max_abs_diff(row(hb, l), l == i ? hi : zeros(s));
+          BOOST_CHECK_MESSAGE(d <= tol, name << ": batched second-order gradient w.r.t. seed block " << l
+                                             << ", seed " << i << " differs by " << d);
+        }
+      } else {
+        const double d = max_abs_diff(hb, hi);
+        BOOST_CHECK_MESSAGE(d <= tol, name << ": batched second-order gradient, seed " << i << ", input " << j
+                                           << " differs by " << d);
+      }
+    }
+  }
+}
+
+/// Runs f, expecting an exception of type E whose message contains every part.
+template <class E, class F>
+void check_message(F&& f, const std::vector<std::string>& parts) {
+  try {
+    f();
+    BOOST_ERROR("no exception thrown; expected one mentioning " << parts.front());
+  } catch (const E& e) {
+    const std::string what = e.what();
+    for (const std::string& p : parts)
+      BOOST_CHECK_MESSAGE(what.find(p) != std::string::npos, "message '" << what << "' lacks '" << p << "'");
+  } catch (const std::exception& e) {
+    BOOST_ERROR("wrong exception type: " << e.what());
+  }
+}
+
+// ---- end of shared helpers ----
+
+/// Row-major offset of a multi-index read through a (right-aligned) broadcast of shape `s`.
+std::size_t broadcast_offset(const std::vector<std::size_t>& idx, const Shape& s) {
+  std::size_t off = 0;
+  const std::size_t lead = idx.size() - s.size();
+  for (std::size_t d = 0; d < s.size(); ++d) off = off * s[d] + (s[d] == 1 ? 0 : idx[lead + d]);
+  return off;
+}
+
+/// NumPy matmul with plain loops: 1-D operands promoted then squeezed, batch dims broadcast.
+Tensor reference_matmul(const Tensor& A, const Tensor& B) {
+  Shape sa = A.shape(), sb = B.shape();
+  const bool va = sa.size() == 1, vb = sb.size() == 1;
+  if (va) sa = {1, sa[0]};
+  if (vb) sb = {sb[0], 1};
+  const std::size_t m = sa[sa.size() - 2], k = sa.back(), n = sb.back();
+  BOOST_REQUIRE(sb[sb.size() - 2] == k);
+  const Shape la(sa.begin(), sa.end() - 2), lb(sb.begin(), sb.end() - 2);
+  const std::size_t nb = std::max(la.size(), lb.size());
+  Shape batch(nb, 1);
+  for (std::size_t d = 0; d < nb; ++d) {
+    const std::size_t x = d + la.size() >= nb ? la[d + la.size() - nb] : 1;
+    const std::size_t y = d + lb.size() >= nb ? lb[d + lb.size() - nb] : 1;
+    BOOST_REQUIRE(x == y || x == 1 || y == 1);
+    batch[d] = std::max(x, y);
+  }
+  Shape out_shape = batch;
+  if (!va) out_shape.push_back(m);
+  if (!vb) out_shape.push_back(n);
+  Tensor out = zeros(out_shape);
+  std::size_t batches = 1;
+  for (std::size_t b : batch) batches *= b;
+  std::vector<std::size_t> idx(nb);
+  for (std::size_t t = 0; t < batches; ++t) {
+    std::size_t rem = t;
+    for (std::size_t d = nb; d-- > 0;) idx[d] = rem % batch[d], rem /= batch[d];
+    const double* a = A.data() + broadcast_offset(idx, la) * m * k;
+    const double* b = B.data() + broadcast_offset(idx, lb) * k * n;
+    double* c = out.mutable_data() + t * m * n;
+    for (std::size_t i = 0; i < m; ++i)
+      for (std::size_t j = 0; j < n; ++j) {
+        double s = 0.0;
+        for (std::size_t p = 0; p < k; ++p) s += a[i * k + p] * b[p * n + j];
+        c[i * n + j] = s;
+      }
+  }
+  return out;
+}
+
+/// out[i0, i1, ...] = x[i_{perm^-1}...]: out.shape[i] = x.shape[perm[i]], by explicit index arithmetic.
+Tensor reference_permute(const Tensor& x, const std::vector<std::size_t>& perm) {
+  const Shape& s = x.shape();
+  Shape os(perm.size());
+  for (std::size_t i = 0; i < perm.size(); ++i) os[i] = s[perm[i]];
+  Tensor out = Tensor::empty(os);
+  std::vector<std::size_t> oi(os.size()), xi(s.size());
+  for (std::size_t flat = 0; flat < out.numel(); ++flat) {
+    std::size_t rem = flat;
+    for (std::size_t d = os.size(); d-- > 0;) oi[d] = rem % os[d], rem /= os[d];
+    for (std::size_t i = 0; i < perm.size(); ++i) xi[perm[i]] = oi[i];
+    std::size_t off = 0;
+    for (std::size_t d = 0; d < s.size(); ++d) off = off * s[d] + xi[d];
+    out.mutable_data()[flat] = x.data()[off];
+  }
+  return out;
+}
+
+using Binary = std::function<Tensor(const std::vector<Tensor>&)>;
+const Binary kMatmul = [](const std::vector<Tensor>& t) { return matmul(t[0], t[1]); };
+
+const std::vector<std::pair<Shape, Shape>> kMatmulCases = {
+    {{4}, {4}},          {{3}, {3, 2}},       {{2, 3}, {3}},          {{2, 3}, {3, 4}},    {{1, 3}, {3, 1}},
+    {{3, 1}, {1, 2}},    {{2, 3, 4}, {4, 2}}, {{3, 4}, {2, 4, 2}},    {{2, 3, 4}, {2, 4, 5}},
+    {{2, 1, 3, 4}, {5, 4, 2}}, {{3}, {2, 3, 4}}, {{2, 3, 4}, {4}},     {{1, 2, 3}, {4, 3, 2}},
+    {{2, 3, 0}, {0, 2}}, {{0, 3}, {3, 2}}, {{2, 1, 3, 4}, {1, 5, 4, 2}}, {{1, 3, 4}, {2, 4, 2}},
+    {{3, 4}, {1, 1, 4, 2}}, {{2, 3, 4}, {1, 4, 5}}};
+
+}  // namespace
+
+// ---- matmul ----
+
+BOOST_AUTO_TEST_CASE(matmul_values) {
+  Generator gen(1);
+  for (const auto& [sa, sb] : kMatmulCases) {
+    BOOST_TEST_CONTEXT(to_string(sa) << " @ " << to_string(sb)) {
+      const Tensor a = randn(sa, gen), b = randn(sb, gen);
+      const Tensor got = matmul(a, b), want = reference_matmul(a, b);
+      BOOST_REQUIRE_MESSAGE(got.shape() == want.shape(), to_string(got.shape()) << " vs " << to_string(want.shape()));
+      CHECK_CLOSE(got, want, 1e-13);
+    }
+  }
+  // a larger product goes through BLAS blocking
+  const Tensor a = randn({37, 53}, gen), b = randn({53, 29}, gen);
+  CHECK_CLOSE(matmul(a, b), reference_matmul(a, b), 1e-12);
+  const Tensor c = randn({3, 17, 20}, gen), d = randn({3, 20, 9}, gen);
+  CHECK_CLOSE(matmul(c, d), reference_matmul(c, d), 1e-12);
+}
+
+BOOST_AUTO_TEST_CASE(matmul_gradients_closed_form) {
+  // C = A B: dA = G Bᵀ, dB = Aᵀ G
+  Generator gen(2);
+  const Tensor A = normal({3, 4}, gen), B = normal({4, 2}, gen), G = randn({3, 2}, gen);
+  const std::vector<Tensor> g = grad({matmul(A, B)}, {A, B}, {G});
+  CHECK_CLOSE(g[0], reference_matmul(G, reference_permute(B.detach(), {1, 0})), 1e-14);
+  CHECK_CLOSE(g[1], reference_matmul(reference_permute(A.detach(), {1, 0}), G), 1e-14);
+  // broadcast batch: dB sums over the batch of A
+  const Tensor A3 = normal({5, 3, 4}, gen), G3 = randn({5, 3, 2}, gen);
+  const std::vector<Tensor> g3 = grad({matmul(A3, B)}, {A3, B}, {G3});
+  Tensor want = zeros({4, 2});
+  for (std::size_t i = 0; i < 5; ++i)
+    want = want + reference_matmul(reference_permute(row(A3, i), {1, 0}), row(G3, i));
+  CHECK_CLOSE(g3[1], want, 1e-13);
+}
+
+BOOST_AUTO_TEST_CASE(matmul_gradcheck) {
+  Generator gen(3);
+  const std::vector<std::pair<Shape, Shape>> cases = {
+      {{3}, {3}},       {{3}, {3, 2}},       {{2, 3}, {3}},       {{2, 3}, {3, 2}},     {{2, 2, 3}, {3, 2}},
+      {{2, 3}, {2, 3, 2}}, {{2, 1, 2, 3}, {3, 3, 2}}, {{3}, {2, 3, 2}}, {{2, 2, 3}, {3}}, {{3, 1}, {1, 2}},
+      {{2, 1, 2, 3}, {1, 2, 3, 2}}, {{1, 2, 3}, {2, 3, 2}}};
+  for (const auto& [sa, sb] : cases) {
+    const Tensor a = normal(sa, gen), b = normal(sb, gen);
+    check_derivatives("matmul " + to_string(sa) + " @ " + to_string(sb), kMatmul, {a, b});
+  }
+  // only one side differentiable
+  const Tensor a = normal({2, 3}, gen), b = randn({3, 2}, gen);
+  check_derivatives("matmul, constant B", kMatmul, {a, b});
+  check_derivatives("matmul, constant A", kMatmul, {b.detach(), leaf(a.detach().clone())});
+  // x appearing on both sides: the Hessian of xᵀ M x
+  const Tensor M = randn({3, 3}, gen), x = normal({3}, gen);
+  check_derivatives("x M x", [M](const std::vector<Tensor>& t) { return matmul(t[0], matmul(M, t[0])); }, {x});
+  check_derivatives("tanh(W x)", [](const std::vector<Tensor>& t) { return hesse::tanh(matmul(t[0], t[1])); },
+                    {normal({2, 3}, gen), normal({3}, gen)});
+}
+
+BOOST_AUTO_TEST_CASE(matmul_errors) {
+  HESSE_CHECK_THROWS(matmul(zeros({3}), zeros({4})), hesse::ShapeError, "hesse::matmul");
+  HESSE_CHECK_THROWS(matmul(zeros({2, 3}), zeros({4, 2})), hesse::ShapeError, "hesse::matmul");
+  HESSE_CHECK_THROWS(matmul(zeros({3}), zeros({4, 2})), hesse::ShapeError, "hesse::matmul");
+  HESSE_CHECK_THROWS(matmul(zeros({2, 3}), zeros({4})), hesse::ShapeError, "hesse::matmul");
+  HESSE_CHECK_THROWS(matmul(zeros({2, 2, 3}), zeros({3, 3, 2})), hesse::ShapeError, "hesse::matmul");
+  HESSE_CHECK_THROWS(matmul(Tensor(2.0), zeros({3})), hesse::ShapeError, "hesse::matmul");
+  HESSE_CHECK_THROWS(matmul(zeros({3}), Tensor(2.0)), hesse::ShapeError, "hesse::matmul");
+  check_message<ShapeError>([] { matmul(zeros({2, 3}), zeros({4, 2})); }, {"hesse::matmul", "[2, 3]", "[4, 2]"});
+  check_message<ShapeError>([] { matmul(zeros({3}), zeros({4})); }, {"hesse::matmul", "[3]", "[4]"});
+  check_message<ShapeError>([] { matmul(zeros({5, 3}), zeros({2})); }, {"hesse::matmul", "[5, 3]", "[2]"});
+  check_message<ShapeError>([] { matmul(zeros({2, 2, 3}), zeros({3, 3, 2})); },
+                            {"hesse::matmul", "[2, 2, 3]", "[3, 3, 2]"});
+  check_message<ShapeError>([] { matmul(Tensor(2.0), zeros({3})); }, {"hesse::matmul", "[]", "[3]"});
+}
+
+// ---- transpose and permute ----
+
+BOOST_AUTO_TEST_CASE(transpose_and_permute_values) {
+  Generator gen(4);
+  const Tensor v = randn({5}, gen), m = randn({3, 4}, gen), t = randn({2, 3, 4}, gen);
+  CHECK_CLOSE(transpose(v), v, 0.0);
+  BOOST_CHECK(transpose(v).shape() == Shape({5}));
+  CHECK_CLOSE(transpose(m), reference_permute(m, {1, 0}), 0.0);
+  CHECK_CLOSE(transpose(m), Tensor(xt::xarray<double>(xt::transpose(m.value()))), 0.0);
+  CHECK_CLOSE(transpose(t), reference_permute(t, {0, 2, 1}), 0.0);
+  CHECK_CLOSE(transpose(t, 0, 2), reference_permute(t, {2, 1, 0}), 0.0);
+  CHECK_CLOSE(transpose(t, -3, -2), reference_permute(t, {1, 0, 2}), 0.0);
+  CHECK_CLOSE(transpose(t, 1, 1), t, 0.0);
+  CHECK_CLOSE(transpose(Tensor(3.0)), Tensor(3.0), 0.0);
+  const std::vector<std::vector<int>> perms = {{0, 1, 2}, {2, 0, 1}, {1, 2, 0}, {2, 1, 0}, {-1, 0, -2}};
+  for (const auto& p : perms) {
+    std::vector<std::size_t> q;
+    for (int a : p) q.push_back(std::size_t(a < 0 ? a + 3 : a));
+    CHECK_CLOSE(permute(t, p), reference_permute(t, q), 0.0);
+  }
+  const Tensor t4 = randn({2, 1, 3, 2}, gen);
+  CHECK_CLOSE(permute(t4, {3, 1, 0, 2}), reference_permute(t4, {3, 1, 0, 2}), 0.0);
+  CHECK_CLOSE(permute(t4, {3, 1, 0, 2}),
+              Tensor(xt::xarray<double>(xt::transpose(t4.value(), {3, 1, 0, 2}))), 0.0);
+}
+
+BOOST_AUTO_TEST_CASE(transpose_and_permute_gradients) {
+  Generator gen(5);
+  const Tensor t = normal({2, 3, 2}, gen);
+  const Tensor m = normal({2, 3}, gen);
+  // the gradient of a permutation is the inverse permutation of the seed
+  const Tensor seed = randn({2, 2, 3}, gen);
+  CHECK_CLOSE(grad(permute(t, {2, 0, 1}), t, seed), reference_permute(seed, {1, 2, 0}), 0.0);
+  check_derivatives("transpose", [](const std::vector<Tensor>& x) { return transpose(x[0]); }, {m});
+  check_derivatives("transpose 3-D", [](const std::vector<Tensor>& x) { return transpose(x[0]); }, {t});
+  check_derivatives("transpose 0,2", [](const std::vector<Tensor>& x) { return transpose(x[0], 0, -1); }, {t});
+  check_derivatives("permute 2,0,1", [](const std::vector<Tensor>& x) { return permute(x[0], {2, 0, 1}); }, {t});
+  check_derivatives("permute(x)^2",
+                    [](const std::vector<Tensor>& x) { return square(permute(x[0], {1, 2, 0})) * x[0].detach().size(0); },
+                    {t});
+  check_derivatives("x xᵀ", [](const std::vector<Tensor>& x) { return matmul(x[0], transpose(x[0])); }, {m});
+}
+
+BOOST_AUTO_TEST_CASE(transpose_and_permute_errors) {
+  const Tensor t = zeros({2, 3, 4});
+  HESSE_CHECK_THROWS(transpose(t, 0, 3), hesse::IndexError, "hesse::transpose");
+  HESSE_CHECK_THROWS(transpose(t, -4, 0), hesse::IndexError, "hesse::transpose");
+  HESSE_CHECK_THROWS(permute(t, {0, 1}), hesse::ShapeError, "hesse::permute");
+  HESSE_CHECK_THROWS(permute(t, {0, 1, 3}), hesse::IndexError, "hesse::permute");
+  HESSE_CHECK_THROWS(permute(t, {0, 1, 1}), hesse::IndexError, "hesse::permute");
+  HESSE_CHECK_THROWS(permute(t, {0, 1, -2}), hesse::IndexError, "hesse::permute");
+  check_message<ShapeError>([&] { permute(t, {0, 1}); }, {"hesse::permute", "[2, 3, 4]"});
+  check_message<IndexError>([&] { permute(t, {2, 1, 2}); }, {"hesse::permute", "[2, 3, 4]", "axis 2"});
+}
+
+// ---- trace, outer, dot ----
+
+BOOST_AUTO_TEST_CASE(trace_outer_dot_values) {
+  Generator gen(6);
+  for (const Shape& s : {Shape{3, 3}, Shape{2, 4}, Shape{4, 2}, Shape{1, 1}}) {
+    const Tensor x = randn(s, gen);
+    double want = 0.0;
+    for (std::size_t i = 0; i < std::min(s[0], s[1]); ++i) want += x.data()[i * s[1] + i];
+    BOOST_CHECK(trace(x).shape() == Shape{});
+    BOOST_CHECK_CLOSE_FRACTION(trace(x).item(), want, 1e-14);
+  }
+  const Tensor a = randn({3}, gen), b = randn({4}, gen), c = randn({3}, gen);
+  const Tensor o = outer(a, b);
+  BOOST_REQUIRE(o.shape() == Shape({3, 4}));
+  for (std::size_t i = 0; i < 3; ++i)
+    for (std::size_t j = 0; j < 4; ++j) BOOST_CHECK_EQUAL(o.data()[i * 4 + j], a.data()[i] * b.data()[j]);
+  double want = 0.0;
+  for (std::size_t i = 0; i < 3; ++i) want += a.data()[i] * c.data()[i];
+  BOOST_CHECK(dot(a, c).shape() == Shape{});
+  BOOST_CHECK_CLOSE_FRACTION(dot(a, c).item(), want, 1e-14);
+  BOOST_CHECK_EQUAL(dot(zeros({0}), zeros({0})).item(), 0.0);
+}
+
+BOOST_AUTO_TEST_CASE(trace_outer_dot_gradients) {
+  Generator gen(7);
+  const Tensor X = normal({3, 3}, gen), R = normal({2, 3}, gen);
+  CHECK_CLOSE(grad(trace(X), X), eye(3), 0.0);
+  CHECK_CLOSE(grad(trace(R), R), eye(2, 3), 0.0);
+  const Tensor a = normal({3}, gen), b = normal({4}, gen), c = normal({3}, gen);
+  const std::vector<Tensor> gd = grad({dot(a, c)}, {a, c});
+  CHECK_CLOSE(gd[0], c.detach(), 0.0);
+  CHECK_CLOSE(gd[1], a.detach(), 0.0);
+  const Tensor G = randn({3, 4}, gen);
+  const std::vector<Tensor> go = grad({outer(a, b)}, {a, b}, {G});
+  CHECK_CLOSE(go[0], reference_matmul(G, b.detach()), 1e-14);
+  CHECK_CLOSE(go[1], reference_matmul(a.detach(), G), 1e-14);
+  check_derivatives("trace", [](const std::vector<Tensor>& t) { return trace(t[0]); }, {X});
+  check_derivatives("trace non-square", [](const std::vector<Tensor>& t) { return trace(t[0]); }, {R});
+  check_derivatives("trace(X X)", [](const std::vector<Tensor>& t) { return trace(matmul(t[0], t[0])); }, {X});
+  check_derivatives("outer", [](const std::vector<Tensor>& t) { return outer(t[0], t[1]); }, {a, b});
+  check_derivatives("dot", [](const std::vector<Tensor>& t) { return dot(t[0], t[1]); }, {a, c});
+  check_derivatives("dot(a, a)", [](const std::vector<Tensor>& t) { return dot(t[0], t[0]); }, {a});
+}
+
+BOOST_AUTO_TEST_CASE(trace_outer_dot_errors) {
+  HESSE_CHECK_THROWS(trace(zeros({3})), hesse::ShapeError, "hesse::trace");
+  HESSE_CHECK_THROWS(trace(zeros({2, 2, 2})), hesse::ShapeError, "hesse::trace");
+  HESSE_CHECK_THROWS(outer(zeros({2, 2}), zeros({2})), hesse::ShapeError, "hesse::outer");
+  HESSE_CHECK_THROWS(outer(zeros({2}), Tensor(1.0)), hesse::ShapeError, "hesse::outer");
+  HESSE_CHECK_THROWS(dot(zeros({2}), zeros({3})), hesse::ShapeError, "hesse::dot");
+  HESSE_CHECK_THROWS(dot(zeros({2, 1}), zeros({2, 1})), hesse::ShapeError, "hesse::dot");
+  check_message<ShapeError>([] { trace(zeros({2, 2, 2})); }, {"hesse::trace", "[2, 2, 2]"});
+  check_message<ShapeError>([] { outer(zeros({2, 2}), zeros({2})); }, {"hesse::outer", "[2, 2]", "[2]"});
+  check_message<ShapeError>([] { dot(zeros({2}), zeros({3})); }, {"hesse::dot", "[2]", "[3]"});
+}
+
+// ---- linear (x Wᵀ + b) ----
+
+BOOST_AUTO_TEST_CASE(linear_values_and_gradients) {
+  Generator gen(8);
+  const Tensor W = normal({3, 4}, gen), b = normal({3}, gen);
+  for (const Shape& s : {Shape{4}, Shape{2, 4}, Shape{2, 5, 4}}) {
+    const Tensor x = normal(s, gen);
+    const Tensor want = reference_matmul(x.detach(), reference_permute(W.detach(), {1, 0}));
+    CHECK_CLOSE(linear(x, W), want, 1e-14);
+    CHECK_CLOSE(linear(x, W, b), Tensor(xt::xarray<double>(want.value() + b.value())), 1e-14);
+  }
+  const Tensor x = normal({2, 4}, gen);
+  check_derivatives("linear", [](const std::vector<Tensor>& t) { return linear(t[0], t[1], t[2]); }, {x, W, b});
+  check_derivatives("linear 1-D", [](const std::vector<Tensor>& t) { return linear(t[0], t[1]); },
+                    {normal({4}, gen), W});
+  check_batched_seeds("linear", [](const std::vector<Tensor>& t) { return hesse::tanh(linear(t[0], t[1], t[2])); },
+                      {x, W, b});
+  HESSE_CHECK_THROWS(linear(zeros({2, 3}), W), hesse::ShapeError, "hesse::linear");
+  HESSE_CHECK_THROWS(linear(zeros({2, 4}), W, zeros({4})), hesse::ShapeError, "hesse::linear");
+}
+
+// ---- batched seeds ----
+
+BOOST_AUTO_TEST_CASE(batched_seeds_linalg) {
+  Generator gen(9);
+  const std::vector<std::pair<Shape, Shape>> cases = {
+      {{2, 3, 4}, {4, 2}}, {{3, 4}, {2, 4, 2}}, {{2, 1, 3, 4}, {5, 4, 2}}, {{2, 3}, {3, 4}},
+      {{3}, {3, 2}},       {{2, 3}, {3}},       {{3}, {3}},                {{2, 3, 4}, {2, 4, 2}},
+      {{2, 1, 3, 4}, {1, 2, 4, 2}}, {{3}, {2, 3, 2}}};
+  for (const auto& [sa, sb] : cases)
+    check_batched_seeds("matmul " + to_string(sa) + " @ " + to_string(sb), kMatmul, {normal(sa, gen), normal(sb, gen)});
+  // a nonlinear consumer so that the second-order terms in the inputs do not vanish
+  check_batched_seeds("tanh(matmul [2,3,4]@[4,2])",
+                      [](const std::vector<Tensor>& t) { return hesse::tanh(matmul(t[0], t[1])); },
+                      {normal({2, 3, 4}, gen), normal({4, 2}, gen)});
+  const Tensor t = normal({2, 3, 4}, gen);
+  check_batched_seeds("permute", [](const std::vector<Tensor>& x) { return permute(x[0], {2, 0, 1}); }, {t});
+  check_batched_seeds("permute(x)^2", [](const std::vector<Tensor>& x) { return square(permute(x[0], {1, 2, 0})); },
+                      {t});
+  check_batched_seeds("transpose", [](const std::vector<Tensor>& x) { return transpose(x[0]); }, {t});
+  check_batched_seeds("trace", [](const std::vector<Tensor>& x) { return trace(x[0]); }, {normal({3, 3}, gen)});
+  check_batched_seeds("outer", [](const std::vector<Tensor>& x) { return outer(x[0], x[1]); },
+                      {normal({3}, gen), normal({2}, gen)});
+  check_batched_seeds("dot", [](const std::vector<Tensor>& x) { return dot(x[0], x[1]); },
+                      {normal({3}, gen), normal({3}, gen)});
+}
