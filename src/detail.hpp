@@ -38,6 +38,8 @@ inline auto view_mut(Tensor& t) {
 
 /// Normalises a possibly negative axis of an ndim-dimensional tensor.
 std::size_t normalize_axis(const char* op, int axis, std::size_t ndim);
+/// The same for an axis of a tensor of this shape (named in the message).
+std::size_t normalize_axis(const char* op, int axis, const Shape& shape);
 
 /// The NumPy broadcast of two shapes, or a ShapeError naming the op.
 Shape broadcast_shapes(const char* op, const Shape& a, const Shape& b);

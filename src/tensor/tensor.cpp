@@ -138,7 +138,7 @@ const Shape& Tensor::shape() const { return checked().shape; }
 std::size_t Tensor::numel() const { return checked().numel; }
 
 std::size_t Tensor::size(int axis) const {
-  return shape()[detail::normalize_axis("Tensor::size", axis, ndim())];
+  return shape()[detail::normalize_axis("Tensor::size", axis, shape())];
 }
 
 xt::xarray<double> Tensor::value() const { return detail::view(*this); }
@@ -270,6 +270,13 @@ std::size_t normalize_axis(const char* op, int axis, std::size_t ndim) {
   if (axis < -n || axis >= n)
     throw IndexError(message(op, "axis ", axis, " is out of range for a tensor with ", ndim, " dimension",
                              ndim == 1 ? "" : "s"));
+  return static_cast<std::size_t>(axis < 0 ? axis + n : axis);
+}
+
+std::size_t normalize_axis(const char* op, int axis, const Shape& shape) {
+  const auto n = static_cast<int>(shape.size());
+  if (axis < -n || axis >= n)
+    throw IndexError(message(op, "axis ", axis, " is out of range for a tensor of shape ", to_string(shape)));
   return static_cast<std::size_t>(axis < 0 ? axis + n : axis);
 }
 
