@@ -3,6 +3,10 @@
 // written with differentiable ops and run with recording on under create_graph.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <unordered_map>
 
 #include "../detail.hpp"
@@ -13,6 +17,41 @@ namespace {
 thread_local bool grad_enabled = true;
 std::atomic<std::uint64_t> next_sequence{1};
 std::atomic<std::uint64_t> next_epoch{1};
+
+// HESSE_PROFILE=1: time spent in each op's backward rule, printed at exit.
+struct RuleProfile {
+  std::unordered_map<std::string, std::pair<double, std::size_t>> seconds_calls;
+  ~RuleProfile() {
+    std::vector<std::pair<std::string, std::pair<double, std::size_t>>> rows(seconds_calls.begin(), seconds_calls.end());
+    std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.first > b.second.first; });
+    std::fprintf(stderr, "hesse backward rules (HESSE_PROFILE):\n");
+    for (auto& [name, v] : rows) std::fprintf(stderr, "  %-20s %10.4f s %9zu calls\n", name.c_str(), v.first, v.second);
+  }
+};
+RuleProfile* rule_profile() {
+  static RuleProfile* profile = std::getenv("HESSE_PROFILE") ? new RuleProfile() : nullptr;
+  return profile;
+}
+struct ProfileAtExit {
+  ~ProfileAtExit() { delete rule_profile(); }
+} profile_at_exit;
+
+class RuleTimer {
+ public:
+  explicit RuleTimer(const char* name) : name_(name) {
+    if (rule_profile()) start_ = std::chrono::steady_clock::now();
+  }
+  void stop() {
+    if (!rule_profile()) return;
+    auto& entry = rule_profile()->seconds_calls[name_];
+    entry.first += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    entry.second += 1;
+  }
+
+ private:
+  const char* name_;
+  std::chrono::steady_clock::time_point start_;
+};
 
 void accumulate(Tensor& into, const Tensor& g) { into = into.defined() ? into + g : g; }
 
@@ -150,7 +189,9 @@ class Pass {
             api_, "trying to backward through the graph of '", node->name,
             "' a second time: its saved values were freed by an earlier backward; pass retain_graph=true to "
             "the first one"));
+      RuleTimer timer(node->name);
       std::vector<Tensor> grads = node->rule(g, saved_output(node), needs_of(node));
+      timer.stop();
       check_grads(node, g, grads);
       for (std::size_t k = 0; k < node->edges.size(); ++k) {
         const Edge& e = node->edges[k];

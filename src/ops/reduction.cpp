@@ -72,7 +72,7 @@ Shape drop_axes(const Shape& s, const std::vector<bool>& reduce) {
 std::vector<bool> axes_mask(const char* op, const Tensor& x, const std::vector<int>& axes) {
   std::vector<bool> reduce(x.ndim(), false);
   for (int a : axes) {
-    const std::size_t d = detail::normalize_axis(op, a, x.ndim());
+    const std::size_t d = detail::normalize_axis(op, a, x.shape());
     if (reduce[d])
       throw IndexError(detail::message(op, "axis ", a, " is listed twice for shape ", to_string(x.shape())));
     reduce[d] = true;
@@ -153,7 +153,7 @@ Tensor sum_to(const Tensor& x, const Shape& shape) {
 
 // logsumexp = m + log Σ e^(x - m);  d/dx = e^(x - logsumexp) = softmax(x)
 Tensor logsumexp(const Tensor& x, int axis, bool keepdim) {
-  const std::size_t ax = detail::normalize_axis("logsumexp", axis, x.ndim());
+  const std::size_t ax = detail::normalize_axis("logsumexp", axis, x.shape());
   const auto [outer, n, inner] = split_at(x.shape(), ax);
   if (n == 0) throw ShapeError(detail::message("logsumexp", "axis ", axis, " of shape ", to_string(x.shape()), " is empty"));
   const Shape kept = with_one_at(x.shape(), ax);
@@ -204,7 +204,7 @@ std::vector<std::size_t> argmax_kernel(const char* op, const Tensor& x, int axis
 
 // max' = 1 at the (first) maximum, 0 elsewhere
 Tensor max(const Tensor& x, int axis, bool keepdim) {
-  const std::size_t ax = detail::normalize_axis("max", axis, x.ndim());
+  const std::size_t ax = detail::normalize_axis("max", axis, x.shape());
   const std::vector<std::size_t> idx = argmax_kernel("max", x, axis, ax);
   const auto [outer, n, inner] = split_at(x.shape(), ax);
   const Shape kept = with_one_at(x.shape(), ax);
@@ -222,7 +222,7 @@ Tensor max(const Tensor& x, int axis, bool keepdim) {
 }
 
 Tensor argmax(const Tensor& x, int axis, bool keepdim) {
-  const std::size_t ax = detail::normalize_axis("argmax", axis, x.ndim());
+  const std::size_t ax = detail::normalize_axis("argmax", axis, x.shape());
   const std::vector<std::size_t> idx = argmax_kernel("argmax", x, axis, ax);
   Tensor out = make(keepdim ? with_one_at(x.shape(), ax) : drop_axes(x.shape(), axes_mask("argmax", x, {axis})));
   for (std::size_t i = 0; i < idx.size(); ++i) out.mutable_data()[i] = double(idx[i]);

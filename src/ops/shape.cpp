@@ -14,7 +14,17 @@ namespace {
 using detail::make;
 using detail::message;
 using detail::record;
-using Positions = std::shared_ptr<const std::vector<std::size_t>>;
+using IndexList = std::shared_ptr<const std::vector<std::size_t>>;
+
+// Positions along an axis: the range start, start + step, ... (slices), or an
+// explicit list (index_select).
+struct Positions {
+  std::size_t start = 0, step = 1, count = 0;
+  IndexList list;
+  std::size_t size() const { return list ? list->size() : count; }
+  std::size_t operator[](std::size_t j) const { return list ? (*list)[j] : start + j * step; }
+  bool contiguous() const { return !list && step == 1; }
+};
 
 // axis counted from the end of a tensor with `ndim` dims -> axis from the front
 std::size_t from_end(int axis_from_end, std::size_t ndim) {
@@ -36,14 +46,19 @@ Tensor select_positions(const char* op, const Tensor& x, int axis_from_end, Posi
   const std::size_t ax = from_end(axis_from_end, x.ndim());
   const auto [outer, n, inner] = split_at(x.shape(), ax);
   Shape shape = x.shape();
-  shape[ax] = pos->size();
+  const std::size_t m = pos.size();
+  shape[ax] = m;
   Tensor out = make(shape);
   const double* in = x.data();
   double* o = out.mutable_data();
-  const std::size_t m = pos->size();
-  for (std::size_t a = 0; a < outer; ++a)
+  for (std::size_t a = 0; a < outer; ++a) {
+    if (pos.contiguous()) {
+      std::memcpy(o + a * m * inner, in + (a * n + pos.start) * inner, m * inner * sizeof(double));
+      continue;
+    }
     for (std::size_t j = 0; j < m; ++j)
-      std::memcpy(o + (a * m + j) * inner, in + (a * n + (*pos)[j]) * inner, inner * sizeof(double));
+      std::memcpy(o + (a * m + j) * inner, in + (a * n + pos[j]) * inner, inner * sizeof(double));
+  }
   return record(op, out, {x}, [axis_from_end, pos, n](const Tensor& g, const Tensor&, Needs) {
     return std::vector<Tensor>{add_at_positions(g, axis_from_end, pos, n)};
   });
@@ -59,7 +74,7 @@ Tensor add_at_positions(const Tensor& g, int axis_from_end, Positions pos, std::
   double* o = out.mutable_data();
   for (std::size_t a = 0; a < outer; ++a)
     for (std::size_t j = 0; j < m; ++j) {
-      double* dst = o + (a * length + (*pos)[j]) * inner;
+      double* dst = o + (a * length + pos[j]) * inner;
       const double* src = in + (a * m + j) * inner;
       for (std::size_t c = 0; c < inner; ++c) dst[c] += src[c];
     }
@@ -71,9 +86,9 @@ Tensor add_at_positions(const Tensor& g, int axis_from_end, Positions pos, std::
 int axis_from_end_of(std::size_t axis, std::size_t ndim) { return static_cast<int>(axis) - static_cast<int>(ndim); }
 
 // gather / scatter_add with `x` allowed extra leading dims over which `index` broadcasts
-Tensor scatter_add_rec(const Tensor& g, int axis_from_end, const Tensor& index, Positions idx, std::size_t length);
+Tensor scatter_add_rec(const Tensor& g, int axis_from_end, const Tensor& index, IndexList idx, std::size_t length);
 
-Tensor gather_rec(const Tensor& x, int axis_from_end, const Tensor& index, Positions idx) {
+Tensor gather_rec(const Tensor& x, int axis_from_end, const Tensor& index, IndexList idx) {
   const std::size_t lead = x.ndim() - index.ndim();
   const std::size_t ax = from_end(axis_from_end, x.ndim());
   const auto [outer_i, m, inner] = split_at(index.shape(), ax - lead);
@@ -97,7 +112,7 @@ Tensor gather_rec(const Tensor& x, int axis_from_end, const Tensor& index, Posit
   });
 }
 
-Tensor scatter_add_rec(const Tensor& g, int axis_from_end, const Tensor& index, Positions idx, std::size_t length) {
+Tensor scatter_add_rec(const Tensor& g, int axis_from_end, const Tensor& index, IndexList idx, std::size_t length) {
   const std::size_t lead = g.ndim() - index.ndim();
   const std::size_t ax = from_end(axis_from_end, g.ndim());
   const auto [outer_i, m, inner] = split_at(index.shape(), ax - lead);
@@ -179,7 +194,7 @@ Tensor flatten(const Tensor& x, int start, int end) {
 }
 
 Tensor squeeze(const Tensor& x, int axis) {
-  const std::size_t ax = detail::normalize_axis("squeeze", axis, x.ndim());
+  const std::size_t ax = detail::normalize_axis("squeeze", axis, x.shape());
   if (x.shape()[ax] != 1)
     throw ShapeError(message("squeeze", "axis ", axis, " of shape ", to_string(x.shape()), " has size ",
                              x.shape()[ax], ", not 1"));
@@ -249,8 +264,8 @@ Tensor permute(const Tensor& x, const std::vector<int>& axes) {
 }
 
 Tensor transpose(const Tensor& x, int axis0, int axis1) {
-  const std::size_t a = detail::normalize_axis("transpose", axis0, x.ndim());
-  const std::size_t b = detail::normalize_axis("transpose", axis1, x.ndim());
+  const std::size_t a = detail::normalize_axis("transpose", axis0, x.shape());
+  const std::size_t b = detail::normalize_axis("transpose", axis1, x.shape());
   std::vector<int> axes(x.ndim());
   std::iota(axes.begin(), axes.end(), 0);
   std::swap(axes[a], axes[b]);
@@ -294,9 +309,7 @@ Tensor concatenate(const std::vector<Tensor>& xs, int axis) {
     std::size_t offset = 0;
     for (std::size_t i = 0; i < lengths.size(); ++i) {
       if (needs[i]) {
-        auto pos = std::make_shared<std::vector<std::size_t>>(lengths[i]);
-        std::iota(pos->begin(), pos->end(), offset);
-        grads[i] = select_positions("slice", g, axis_from_end, pos);
+        grads[i] = select_positions("slice", g, axis_from_end, Positions{offset, 1, lengths[i], nullptr});
       }
       offset += lengths[i];
     }
@@ -330,19 +343,19 @@ Tensor hstack(const std::vector<Tensor>& xs) {
 // ---- slicing and indexing ----
 
 Tensor slice(const Tensor& x, int axis, std::int64_t start, std::int64_t stop, std::int64_t step) {
-  const std::size_t ax = detail::normalize_axis("slice", axis, x.ndim());
+  const std::size_t ax = detail::normalize_axis("slice", axis, x.shape());
   if (step <= 0)
     throw ValueError(message("slice", "step must be positive, got ", step, " (shape ", to_string(x.shape()), ")"));
   const auto n = static_cast<std::int64_t>(x.shape()[ax]);
   auto clamp = [n](std::int64_t i) { return std::clamp(i < 0 ? i + n : i, std::int64_t(0), n); };
   const std::int64_t b = clamp(start), e = clamp(stop);
-  auto pos = std::make_shared<std::vector<std::size_t>>();
-  for (std::int64_t i = b; i < e; i += step) pos->push_back(std::size_t(i));
-  return select_positions("slice", x, axis_from_end_of(ax, x.ndim()), pos);
+  const std::size_t count = e > b ? std::size_t((e - b + step - 1) / step) : 0;
+  return select_positions("slice", x, axis_from_end_of(ax, x.ndim()),
+                          Positions{std::size_t(b), std::size_t(step), count, nullptr});
 }
 
 Tensor index_select(const Tensor& x, int axis, const std::vector<std::int64_t>& indices) {
-  const std::size_t ax = detail::normalize_axis("index_select", axis, x.ndim());
+  const std::size_t ax = detail::normalize_axis("index_select", axis, x.shape());
   const auto n = static_cast<std::int64_t>(x.shape()[ax]);
   auto pos = std::make_shared<std::vector<std::size_t>>();
   for (std::int64_t i : indices) {
@@ -351,11 +364,11 @@ Tensor index_select(const Tensor& x, int axis, const std::vector<std::int64_t>& 
                                " (shape ", to_string(x.shape()), ")"));
     pos->push_back(std::size_t(i < 0 ? i + n : i));
   }
-  return select_positions("index_select", x, axis_from_end_of(ax, x.ndim()), pos);
+  return select_positions("index_select", x, axis_from_end_of(ax, x.ndim()), Positions{0, 1, 0, pos});
 }
 
 Tensor gather(const Tensor& x, int axis, const Tensor& index) {
-  const std::size_t ax = detail::normalize_axis("gather", axis, x.ndim());
+  const std::size_t ax = detail::normalize_axis("gather", axis, x.shape());
   bool fits = index.ndim() == x.ndim();
   for (std::size_t d = 0; fits && d < x.ndim(); ++d) fits = d == ax || index.shape()[d] == x.shape()[d];
   if (!fits)
