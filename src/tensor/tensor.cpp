@@ -198,18 +198,73 @@ Tensor Tensor::clone() const { return from_values(shape(), data()); }
 
 const std::shared_ptr<Node>& Tensor::grad_fn() const { return checked().grad_fn; }
 
+namespace {
+
+// NumPy-style printing: nested brackets, right-aligned columns, and "..." in
+// dimensions longer than 6 once a tensor has more than 1000 entries.
+struct Printer {
+  const Tensor& t;
+  bool summarize;
+  std::size_t width = 1;
+
+  std::string number(double v) const {
+    std::ostringstream os;
+    os << std::setprecision(6) << v;
+    return os.str();
+  }
+  template <class F>
+  void for_shown(std::size_t dim, F f) const {  // f(index) or f(SIZE_MAX) for "..."
+    const std::size_t n = t.shape()[dim];
+    for (std::size_t i = 0; i < n; ++i) {
+      if (summarize && n > 6 && i == 3) {
+        f(SIZE_MAX);
+        i = n - 4;
+        continue;
+      }
+      f(i);
+    }
+  }
+  void measure(std::size_t dim, std::size_t offset) {
+    if (dim == t.ndim()) {
+      width = std::max(width, number(t.data()[offset]).size());
+      return;
+    }
+    const std::size_t stride = detail::prod(t.shape(), dim + 1, t.ndim());
+    for_shown(dim, [&](std::size_t i) {
+      if (i != SIZE_MAX) measure(dim + 1, offset + i * stride);
+    });
+  }
+  void print(std::ostream& os, std::size_t dim, std::size_t offset, std::size_t indent) const {
+    if (dim == t.ndim()) {
+      const std::string s = number(t.data()[offset]);
+      os << std::string(width - s.size(), ' ') << s;
+      return;
+    }
+    const std::size_t stride = detail::prod(t.shape(), dim + 1, t.ndim());
+    const bool last = dim + 1 == t.ndim();
+    const std::string gap = last ? ", " : ",\n" + std::string(t.ndim() - dim - 1 > 1 ? 1 : 0, '\n') +
+                                              std::string(indent + 1, ' ');
+    os << "[";
+    bool first = true;
+    for_shown(dim, [&](std::size_t i) {
+      if (!first) os << gap;
+      first = false;
+      if (i == SIZE_MAX) os << "...";
+      else print(os, dim + 1, offset + i * stride, indent + 1);
+    });
+    os << "]";
+  }
+};
+
+}  // namespace
+
 std::ostream& operator<<(std::ostream& os, const Tensor& t) {
   if (!t.defined()) return os << "tensor(undefined)";
-  std::ostringstream body;
-  body << std::setprecision(6) << detail::view(t);
-  std::string s = body.str();
-  // indent continuation lines under "tensor("
-  std::string indented;
-  for (char c : s) {
-    indented += c;
-    if (c == '\n') indented += "       ";
-  }
-  os << "tensor(" << indented;
+  Printer p{t, t.numel() > 1000};
+  p.measure(0, 0);
+  os << "tensor(";
+  if (t.numel() == 0) os << "[], shape=" << to_string(t.shape());
+  else p.print(os, 0, 0, 7);
   if (t.grad_fn()) os << ", grad_fn=" << t.grad_fn()->name;
   else if (t.requires_grad()) os << ", requires_grad";
   return os << ")";
