@@ -48,14 +48,20 @@ Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb);
 
 // Tiny products (per-sample Hessians are full of them) cost more in BLAS's
 // call and packing overhead than in arithmetic: a plain loop does them.
-void small_gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
+template <bool TA, bool TB>
+void small_gemm(const MatmulDims& d, const double* a, const double* b, double* c) {
   const std::size_t m = d.m, n = d.n, k = d.k;
   for (std::size_t i = 0; i < m; ++i)
     for (std::size_t j = 0; j < n; ++j) {
       double acc = 0.0;
-      for (std::size_t p = 0; p < k; ++p) acc += (ta ? a[p * m + i] : a[i * k + p]) * (tb ? b[j * k + p] : b[p * n + j]);
+      for (std::size_t p = 0; p < k; ++p) acc += (TA ? a[p * m + i] : a[i * k + p]) * (TB ? b[j * k + p] : b[p * n + j]);
       c[i * n + j] = acc;
     }
+}
+
+void small_gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
+  if (ta) tb ? small_gemm<true, true>(d, a, b, c) : small_gemm<true, false>(d, a, b, c);
+  else tb ? small_gemm<false, true>(d, a, b, c) : small_gemm<false, false>(d, a, b, c);
 }
 
 void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {

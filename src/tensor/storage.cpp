@@ -1,10 +1,12 @@
 // Pooled storage. Freshly mapped memory costs ~2.7 ms/MB to fault in on the
 // machines hesse targets, so released buffers are kept in a free list keyed by
 // capacity and handed out again; capacities are rounded up to powers of two
-// (small buffers) or 1/8 steps (large ones) so that sizes meet again.
+// (small buffers) or 1/16 steps (large ones) so that sizes meet again. Each
+// capacity has its own stack, so taking and returning a buffer allocates nothing.
 #include <cstdlib>
 #include <limits>
-#include <map>
+#include <unordered_map>
+#include <vector>
 #include <mutex>
 #include <new>
 
@@ -17,12 +19,8 @@ constexpr std::size_t kMaxPooledBytes = std::size_t(2) << 30;  // keep at most 2
 
 struct Pool {
   std::mutex mutex;
-  std::multimap<std::size_t, double*> free_list;
+  std::unordered_map<std::size_t, std::vector<double*>> free_lists;  // by capacity
   std::size_t cached_bytes = 0;
-
-  ~Pool() {
-    for (auto& [capacity, ptr] : free_list) std::free(ptr);
-  }
 };
 
 Pool& pool() {
@@ -48,12 +46,12 @@ Storage::Storage(std::size_t n) {
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mutex);
-    auto it = p.free_list.lower_bound(want);
-    if (it != p.free_list.end() && it->first <= want + want / 4) {
-      capacity = it->first;
-      data = it->second;
+    auto it = p.free_lists.find(want);
+    if (it != p.free_lists.end() && !it->second.empty()) {
+      capacity = want;
+      data = it->second.back();  // the most recently freed: still in cache
+      it->second.pop_back();
       p.cached_bytes -= capacity * sizeof(double);
-      p.free_list.erase(it);
       return;
     }
   }
@@ -68,8 +66,7 @@ Storage::~Storage() {
   {
     std::lock_guard<std::mutex> lock(p.mutex);
     if (p.cached_bytes + bytes <= kMaxPooledBytes) {
-      // in front of its equals: the most recently freed (cache-warm) buffer goes out first
-      p.free_list.emplace_hint(p.free_list.lower_bound(capacity), capacity, data);
+      p.free_lists[capacity].push_back(data);
       p.cached_bytes += bytes;
       return;
     }
