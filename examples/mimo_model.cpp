@@ -42,25 +42,69 @@ int main() {
   const Tensor x = Tensor{{1, 2}, {3, 4}};
   const Tensor y = -x;
 
-  // 1. The full model Hessian: output [2, 4], n = 8 parameters -> [2, 4, 8, 8].
+  // 1. The full model Hessian: output [2, 4], n = 8 parameters (A then B) -> [2, 4, 8, 8].
   const Tensor h = hesse::model_hessian_matrix(model, {x, y});
   std::cout << "model_hessian_matrix: shape " << hesse::to_string(h.shape()) << "\n";
-  std::cout << "H[0, 0] (output entry x_00 = 1):\n" << hesse::slice(hesse::slice(h, 0, 0, 1), 1, 0, 1) << "\n";
+  std::cout << "each output entry's Hessian is c * I4 on one block (entry [i, j] below is c):\n";
+  for (std::size_t i = 0; i < 2; ++i) {
+    for (std::size_t j = 0; j < 4; ++j) {
+      const std::size_t k = j < 2 ? 0 : 4;  // first row of A's block, or of B's
+      std::cout << "  " << h.data()[((i * 4 + j) * 8 + k) * 8 + k] << (j < 2 ? " (A)" : " (B)");
+    }
+    std::cout << "\n";
+  }
+  std::cout << "H[0, 0] in full:\n" << hesse::reshape(hesse::slice(hesse::reshape(h, {8, 8, 8}), 0, 0, 1), {8, 8})
+            << "\n";
   const bool exact = exactly_equal(h, expected_hessian(x));
   std::cout << "equals the seed README's blocks 2, 4, -2, -4 / 6, 8, -6, -8 times I4 exactly: "
             << (exact ? "yes" : "NO") << "\n\n";
 
-  // 2. Only A's block: [2, 4, 4, 4].
+  // 2. Only A's block: [2, 4, 4, 4]; the dict form keys blocks by name pairs.
   hesse::HessianOptions only_a;
   only_a.params = {"A"};
   const Tensor ha = hesse::model_hessian_matrix(model, {x, y}, only_a);
-  std::cout << "params = {A}: shape " << hesse::to_string(ha.shape()) << "\n\n";
+  std::cout << "params = {A}: shape " << hesse::to_string(ha.shape()) << "\n";
+  const hesse::HessianDict blocks = hesse::model_hessian_dict(model, {x, y});
+  std::cout << "dict block (A, B): shape " << hesse::to_string(blocks("A", "B").shape())
+            << ", all zero: " << (hesse::sum(hesse::abs(blocks("A", "B"))).item() == 0 ? "yes" : "no") << "\n\n";
 
   // 3. The Hessian of an MSE (sum) loss against a random target: [8, 8].
   const Tensor target = hesse::randn({2, 4});
-  auto mse_sum = [](const Tensor& out, const Tensor& t) { return hesse::sum(hesse::square(out - t)); };
+  const hesse::nn::MSELoss mse_sum(hesse::nn::Reduction::sum);
   const Tensor hl = hesse::loss_hessian_matrix(model, mse_sum, {x, y}, target);
   std::cout << "loss_hessian_matrix (MSE, sum):\n" << hl << "\n";
   std::cout << "loss sharpness: " << hesse::loss_sharpness(model, mse_sum, {x, y}, target) << "\n";
+  hesse::save_npy("mimo_model_hessian.npy", h);  // numpy: np.load("mimo_model_hessian.npy").shape == (2, 4, 8, 8)
   return exact && ha.shape() == hesse::Shape{2, 4, 4, 4} ? 0 : 1;
 }
+
+// Expected output:
+//   model_hessian_matrix: shape [2, 4, 8, 8]
+//   each output entry's Hessian is c * I4 on one block (entry [i, j] below is c):
+//     2 (A)  4 (A)  -2 (B)  -4 (B)
+//     6 (A)  8 (A)  -6 (B)  -8 (B)
+//   H[0, 0] in full:
+//   tensor([[2, 0, 0, 0, 0, 0, 0, 0],
+//           [0, 2, 0, 0, 0, 0, 0, 0],
+//           [0, 0, 2, 0, 0, 0, 0, 0],
+//           [0, 0, 0, 2, 0, 0, 0, 0],
+//           [0, 0, 0, 0, 0, 0, 0, 0],
+//           [0, 0, 0, 0, 0, 0, 0, 0],
+//           [0, 0, 0, 0, 0, 0, 0, 0],
+//           [0, 0, 0, 0, 0, 0, 0, 0]])
+//   equals the seed README's blocks 2, 4, -2, -4 / 6, 8, -6, -8 times I4 exactly: yes
+//   
+//   params = {A}: shape [2, 4, 4, 4]
+//   dict block (A, B): shape [2, 4, 2, 2, 2, 2], all zero: yes
+//   
+//   loss_hessian_matrix (MSE, sum):
+//   tensor([[ 652.575, -16.6479, -26.8116,  45.1244,        0,        0,        0,        0],
+//           [-16.6479,  761.255,  179.045, -301.337,        0,        0,        0,        0],
+//           [-26.8116,  179.045,  938.436, -485.306,        0,        0,        0,        0],
+//           [ 45.1244, -301.337, -485.306,  1466.86,        0,        0,        0,        0],
+//           [       0,        0,        0,        0,  478.748,  17.6921,  -32.392,  84.8008],
+//           [       0,        0,        0,        0,  17.6921,  500.846, -58.4185,  152.937],
+//           [       0,        0,        0,        0,  -32.392, -58.4185,  575.895, -280.008],
+//           [       0,        0,        0,        0,  84.8008,  152.937, -280.008,  1201.99]])
+//   loss sharpness: 1868.88
+//   (and mimo_model_hessian.npy in the current folder)

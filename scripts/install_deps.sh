@@ -12,6 +12,7 @@ packages=(
   libopenblas-dev      # BLAS + LAPACK
   libboost-test-dev    # Boost.Test for the test suites
   python3              # scripts/count_tests.py, used by .ci/run
+  python3-numpy        # test_io checks that numpy reads and writes the same .npy files
 )
 
 if [ "$(id -u)" -eq 0 ]; then
