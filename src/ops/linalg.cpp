@@ -71,6 +71,19 @@ void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* 
               int(d.k), 1.0, a, ta ? int(d.m) : int(d.k), b, tb ? int(d.k) : int(d.n), 0.0, c, int(d.n));
 }
 
+// dst[i] = src[i]ᵀ for `batches` row-major rows × cols matrices, in cache-sized tiles.
+void transpose_each(const double* src, std::size_t batches, std::size_t rows, std::size_t cols, double* dst) {
+  constexpr std::size_t tile = 32;
+  for (std::size_t i = 0; i < batches; ++i) {
+    const double* s = src + i * rows * cols;
+    double* t = dst + i * rows * cols;
+    for (std::size_t r0 = 0; r0 < rows; r0 += tile)
+      for (std::size_t c0 = 0; c0 < cols; c0 += tile)
+        for (std::size_t r = r0; r < std::min(rows, r0 + tile); ++r)
+          for (std::size_t c = c0; c < std::min(cols, c0 + tile); ++c) t[c * rows + r] = s[r * cols + c];
+  }
+}
+
 // C[i] = op(A) op(B[i]) for a batch of B's and one A, as one folded GEMM
 // (k small GEMMs run ~3× slower than one of the same work):
 //   tb:  stack op(B[i])ᵀ = B[i] as rows, D = [B[0]; B[1]; ...] op(A)ᵀ, C[i] = D[i]ᵀ
@@ -83,9 +96,7 @@ void matmul_shared_a(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
   if (tb) {
     MatmulDims folded{batches * n, k, m, {}};
     gemm(false, !ta, folded, b.data(), a.data(), tmp);  // [batches·n, m]
-    for (std::size_t i = 0; i < batches; ++i)
-      for (std::size_t r = 0; r < n; ++r)
-        for (std::size_t col = 0; col < m; ++col) c[(i * m + col) * n + r] = tmp[(i * n + r) * m + col];
+    transpose_each(tmp, batches, n, m, c);
     return;
   }
   Tensor side_t = Tensor::empty({k * batches * n});  // [k, batches, n]
@@ -123,14 +134,12 @@ Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
     return out;
   }
   if (a_batched && !b_batched && numel_of(lead(a.shape())) == batches) {
-    // C[i] = op(A[i]) op(B)  <=>  C[i]ᵀ = op(B)ᵀ op(A[i])ᵀ: B is the shared left factor
-    Tensor transposed_t = Tensor::empty({batches * d.m * d.n});
-    const double* transposed = transposed_t.data();
-    matmul_shared_a(b, a, !tb, !ta, MatmulDims{d.n, d.k, d.m, {}}, batches, transposed_t.mutable_data());
-    double* c = out.mutable_data();
-    for (std::size_t i = 0; i < batches; ++i)
-      for (std::size_t r = 0; r < d.n; ++r)
-        for (std::size_t col = 0; col < d.m; ++col) c[(i * d.m + col) * d.n + r] = transposed[(i * d.n + r) * d.m + col];
+    // C[i] = A[i]ᵀ op(B): transpose each A[i] once, then fold as above
+    Tensor at = Tensor::empty({batches * a_mat});
+    transpose_each(a.data(), batches, d.k, d.m, at.mutable_data());
+    MatmulDims folded = d;
+    folded.m = d.m * batches;
+    gemm(false, tb, folded, at.data(), b.data(), out.mutable_data());
     return out;
   }
   // one GEMM per batch entry, operands read through broadcast strides

@@ -1,0 +1,79 @@
+#!/usr/bin/python3
+"""Runs hesse's Hessian benchmark and the PyTorch anchor in one session, on the
+same machine and memory setting, and prints both JSON objects with the ratios
+ours / PyTorch's best method for every workload.
+
+    /usr/bin/python3 scripts/bench_vs_torch.py --build build --anchor ../shared/anchors/anchor_torch.py \
+        [--hugetlb] [--only mimo mlp_small_loss ...] [--out result.json]
+
+--hugetlb runs both sides with GLIBC_TUNABLES=glibc.malloc.hugetlb=1.
+Needs Debian's python3-torch for the anchor.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+WORKLOADS = ["mimo", "mlp_small_loss", "mlp_medium_loss", "per_sample_model", "hvp_large"]
+
+
+def best(methods, names=None):
+    """(name, median_s) of the fastest successful method (among `names` if given)."""
+    ok = [(m, r["median_s"]) for m, r in methods.items()
+          if r.get("status") == "ok" and (names is None or m in names)]
+    return min(ok, key=lambda x: x[1]) if ok else (None, None)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--anchor", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "anchors",
+                                                     "anchor_torch.py"))
+    ap.add_argument("--only", nargs="*", default=WORKLOADS)
+    ap.add_argument("--hugetlb", action="store_true")
+    ap.add_argument("--method-timeout", type=int, default=90)
+    ap.add_argument("--out", default="/tmp/hesse_vs_torch.json")
+    a = ap.parse_args()
+    env = dict(os.environ)
+    if a.hugetlb:
+        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+    ours = json.loads(subprocess.run([os.path.join(a.build, "bench", "bench_hessian"), "--only", *a.only],
+                                     env=env, capture_output=True, text=True, check=True).stdout)
+    anchor_out = a.out + ".anchor.json"
+    subprocess.run(["/usr/bin/python3", a.anchor, "--only", *a.only, "--out", anchor_out,
+                    "--method-timeout", str(a.method_timeout)], env=env, capture_output=True, text=True, check=True)
+    with open(anchor_out) as fh:
+        torch = json.load(fh)
+    ratios = {}
+    for w in a.only:
+        mine = ours["workloads"].get(w, {})
+        theirs = torch["workloads"].get(w, {}).get("methods", {})
+        if w == "hvp_large":
+            g = best(theirs, ["gradient"])
+            h = best(theirs, [m for m in theirs if m.startswith("hvp_")])
+            p = best(theirs, [m for m in theirs if m.startswith("power_iteration")])
+            ratios[w] = {
+                "gradient": {"ours_s": mine["gradient"]["median_s"], "torch_s": g[1],
+                             "ratio": mine["gradient"]["median_s"] / g[1]},
+                "hvp": {"ours_s": mine["hvp"]["median_s"], "torch_best": h[0], "torch_s": h[1],
+                        "ratio": mine["hvp"]["median_s"] / h[1]},
+                "power_iteration_20": {"ours_s": mine["power_iteration_20"]["median_s"], "torch_best": p[0],
+                                       "torch_s": p[1], "ratio": mine["power_iteration_20"]["median_s"] / p[1]},
+                "ours_hvp_over_gradient": mine["hvp_over_gradient"],
+            }
+        else:
+            m, t = best(theirs)
+            ours_s = mine["timing"]["median_s"]
+            ratios[w] = {"ours_s": ours_s, "torch_best": m, "torch_s": t, "ratio": ours_s / t,
+                         "ours_peak_rss_mb": mine.get("peak_rss_mb"),
+                         "torch_peak_rss_mb": theirs.get(m, {}).get("peak_rss_mb")}
+    result = {"glibc_tunables": env.get("GLIBC_TUNABLES"), "ratios": ratios, "hesse": ours, "torch": torch}
+    with open(a.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    json.dump(ratios, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
