@@ -133,12 +133,12 @@ std::size_t tape_elements(const Tensor& y) {
   return std::max<std::size_t>(total, 1);
 }
 
-// Seeds per backward pass: the batched intermediates should stay near 512k
-// entries (4 MB: cache-sized elementwise passes), with at least 8 seeds (GEMMs
-// of useful size) and at most 64 (measured: more stops paying off), unless the
-// user chose.
+// Seeds per backward pass: as many as keep one seed's copies of the whole tape
+// near 64k entries (512 KB: elementwise passes stay in cache), but at least 8 so that
+// products stay GEMM-sized; small problems take all their rows in one pass,
+// since there the per-op overhead dominates. The user may choose instead.
 std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_seed) {
-  const std::size_t k = o.chunk_size ? o.chunk_size : std::clamp<std::size_t>((std::size_t(1) << 19) / per_seed, 8, 64);
+  const std::size_t k = o.chunk_size ? o.chunk_size : std::max<std::size_t>((std::size_t(1) << 16) / per_seed, 8);
   return std::max<std::size_t>(1, std::min(rows, k));
 }
 
