@@ -144,8 +144,10 @@ std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_
 
 // Receives one Hessian row: output entry `entry` (within the group), row `row`
 // of parameter p (flattened), its part against parameter q (sizes[q] values).
+// With `mirrored`, the same values are column `row` of block (q, p) instead:
+// the Hessian is symmetric, so only blocks q >= p are computed.
 using RowSink = std::function<void(std::size_t entry, std::size_t p, std::size_t row, std::size_t q,
-                                   const double* values)>;
+                                   const double* values, bool mirrored)>;
 
 // Output entries whose Hessians are computed together: the first-level
 // gradient takes all of them as one batch of seeds, and the second level
@@ -191,13 +193,15 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
         const Tensor rows = grad(g[p], sel.params[p], seeds_for(p, k, picks), second_level);
         if (rows.defined())
           for (std::size_t i = 0; i < k; ++i)
-            sink(picks[i].first, p, picks[i].second, p, rows.data() + i * sel.sizes[p]);
+            sink(picks[i].first, p, picks[i].second, p, rows.data() + i * sel.sizes[p], false);
       }
     }
     return;
   }
   // full rows: chunks of (entry, global row) pairs; each chunk seeds the g[p]
-  // whose rows it touches, and one backward pass gives every block of those rows
+  // whose rows it touches, and one backward pass gives the blocks (p, q >= p)
+  // of those rows: by symmetry the rest are their transposes, and the pass
+  // never needs to reach the parameters before p on the tape
   const std::size_t total = count * sel.n, k_max = chunk_of(o, total, per_seed);
   for (std::size_t t0 = 0; t0 < total; t0 += k_max) {
     const std::size_t k = std::min(k_max, total - t0);
@@ -220,11 +224,21 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
       seeds.push_back(seeds_for(p, k, picks));
     }
     if (outputs.empty()) continue;  // rows of parameters that enter linearly: zero
-    const std::vector<Tensor> rows = grad(outputs, sel.params, seeds, second_level);
-    for (std::size_t q = 0; q < sel.params.size(); ++q)
-      if (rows[q].defined())
-        for (std::size_t i = 0; i < k; ++i)
-          sink((t0 + i) / sel.n, where[i].first, where[i].second, q, rows[q].data() + i * sel.sizes[q]);
+    std::size_t p_min = sel.params.size();
+    for (const auto& w : where) p_min = std::min(p_min, w.first);
+    const std::vector<Tensor> wrt(sel.params.begin() + std::ptrdiff_t(p_min), sel.params.end());
+    const std::vector<Tensor> rows = grad(outputs, wrt, seeds, second_level);
+    for (std::size_t q = p_min; q < sel.params.size(); ++q) {
+      const Tensor& block_rows = rows[q - p_min];
+      if (!block_rows.defined()) continue;
+      for (std::size_t i = 0; i < k; ++i) {
+        const auto [p, row] = where[i];
+        if (q < p) continue;  // comes from the mirror of block (q, p)
+        const double* values = block_rows.data() + i * sel.sizes[q];
+        sink((t0 + i) / sel.n, p, row, q, values, false);
+        if (q > p) sink((t0 + i) / sel.n, p, row, q, values, true);
+      }
+    }
   }
 }
 
@@ -238,17 +252,28 @@ void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOpt
 // Sinks writing into the two result layouts, from output entry `base` on.
 RowSink matrix_sink(Tensor& h, std::size_t base, const Selection& sel) {
   double* data = h.mutable_data();
-  return [data, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
-    std::memcpy(data + ((base + e) * sel.n + sel.offsets[p] + row) * sel.n + sel.offsets[q], values,
-                sel.sizes[q] * sizeof(double));
+  return [data, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values,
+                            bool mirrored) {
+    double* matrix = data + (base + e) * sel.n * sel.n;
+    if (!mirrored) {
+      std::memcpy(matrix + (sel.offsets[p] + row) * sel.n + sel.offsets[q], values, sel.sizes[q] * sizeof(double));
+      return;
+    }
+    for (std::size_t c = 0; c < sel.sizes[q]; ++c) matrix[(sel.offsets[q] + c) * sel.n + sel.offsets[p] + row] = values[c];
   };
 }
 
 RowSink dict_sink(HessianDict& d, std::size_t base, const Selection& sel) {
-  return [&d, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
-    Tensor& block = d.blocks_.at({sel.names[p], sel.names[q]});
-    std::memcpy(block.mutable_data() + ((base + e) * sel.sizes[p] + row) * sel.sizes[q], values,
-                sel.sizes[q] * sizeof(double));
+  return [&d, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values,
+                          bool mirrored) {
+    if (!mirrored) {
+      Tensor& block = d.blocks_.at({sel.names[p], sel.names[q]});
+      std::memcpy(block.mutable_data() + ((base + e) * sel.sizes[p] + row) * sel.sizes[q], values,
+                  sel.sizes[q] * sizeof(double));
+      return;
+    }
+    double* block = d.blocks_.at({sel.names[q], sel.names[p]}).mutable_data() + (base + e) * sel.sizes[q] * sel.sizes[p];
+    for (std::size_t c = 0; c < sel.sizes[q]; ++c) block[c * sel.sizes[p] + row] = values[c];
   };
 }
 
@@ -533,7 +558,7 @@ Tensor loss_hessian_diagonal(nn::Module& model, const Criterion& criterion, cons
   RequestScope scope(model, sel);
   const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
   Tensor diag = zeros({sel.n});
-  hessian_rows(loss, 0, 1, sel, o, [&](std::size_t, std::size_t p, std::size_t row, std::size_t, const double* v) {
+  hessian_rows(loss, 0, 1, sel, o, [&](std::size_t, std::size_t p, std::size_t row, std::size_t, const double* v, bool) {
     diag.mutable_data()[sel.offsets[p] + row] = v[row];
   });
   return diag;
