@@ -74,6 +74,15 @@ void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* 
 // dst[i] = src[i]ᵀ for `batches` row-major rows × cols matrices, in cache-sized tiles.
 void transpose_each(const double* src, std::size_t batches, std::size_t rows, std::size_t cols, double* dst) {
   constexpr std::size_t tile = 32;
+  if (rows <= tile && cols <= tile) {  // small matrices: no tiling needed
+    for (std::size_t i = 0; i < batches; ++i) {
+      const double* s = src + i * rows * cols;
+      double* t = dst + i * rows * cols;
+      for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t c = 0; c < cols; ++c) t[c * rows + r] = s[r * cols + c];
+    }
+    return;
+  }
   for (std::size_t i = 0; i < batches; ++i) {
     const double* s = src + i * rows * cols;
     double* t = dst + i * rows * cols;

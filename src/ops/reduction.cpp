@@ -33,6 +33,18 @@ Tensor sum_kernel(const Tensor& x, const std::vector<bool>& reduce) {
     if (x.numel() == 1) o[0] = in[0];
     return out;
   }
+  // the common case after merging: [kept, reduced, kept] (a bias gradient with
+  // seed batches in front), summed row by row
+  if (dims.size() <= 3 && flags.back() == false && flags[dims.size() - 2] == true) {
+    const std::size_t outer = dims.size() == 3 ? dims[0] : 1, mid = dims[dims.size() - 2], inner = dims.back();
+    for (std::size_t a = 0; a < outer; ++a)
+      for (std::size_t j = 0; j < mid; ++j) {
+        const double* row = in + (a * mid + j) * inner;
+        double* acc = o + a * inner;
+        for (std::size_t c = 0; c < inner; ++c) acc[c] += row[c];
+      }
+    return out;
+  }
   // strides of the merged input dims in the output (0 where reduced)
   Shape in_dims = dims, out_strides(dims.size(), 0);
   std::size_t stride = 1;
