@@ -35,7 +35,7 @@ Tensor sum_kernel(const Tensor& x, const std::vector<bool>& reduce) {
   }
   // the common case after merging: [kept, reduced, kept] (a bias gradient with
   // seed batches in front), summed row by row
-  if (dims.size() <= 3 && flags.back() == false && flags[dims.size() - 2] == true) {
+  if ((dims.size() == 2 || dims.size() == 3) && !flags.back() && flags[dims.size() - 2]) {
     const std::size_t outer = dims.size() == 3 ? dims[0] : 1, mid = dims[dims.size() - 2], inner = dims.back();
     for (std::size_t a = 0; a < outer; ++a)
       for (std::size_t j = 0; j < mid; ++j) {
