@@ -236,21 +236,6 @@ struct SumsTheBatch : nn::Module {
 
 const Tensor mimo_x() { return Tensor{{1, 2}, {3, 4}}; }
 
-/// The seed README's expected MimoModel Hessian: blocks c·I₄ with c = ±2 x_ij.
-Tensor mimo_expected(const Tensor& x) {
-  Tensor h = zeros({2, 4, 8, 8});
-  for (std::size_t i = 0; i < 2; ++i)
-    for (std::size_t j = 0; j < 4; ++j) {
-      const bool on_a = j < 2;
-      const double c = on_a ? 2 * x.data()[i * 2 + j] : -2 * x.data()[i * 2 + (j - 2)];
-      for (std::size_t d = 0; d < 4; ++d) {
-        const std::size_t k = (on_a ? 0 : 4) + d;
-        h.mutable_data()[((i * 4 + j) * 8 + k) * 8 + k] = c;
-      }
-    }
-  return h;
-}
-
 HessianOptions with_params(std::vector<std::string> names) {
   HessianOptions o;
   o.params = std::move(names);
@@ -269,7 +254,7 @@ BOOST_AUTO_TEST_CASE(matrix_equals_the_seed_readme_blocks_exactly) {
   const Tensor x = mimo_x(), y = -x;
   const Tensor h = model_hessian_matrix(model, {x, y});
   BOOST_CHECK(h.shape() == Shape({2, 4, 8, 8}));
-  CHECK_EXACT(h, mimo_expected(x));
+  CHECK_EXACT(h, seed_readme_hessian(x));
   // spot-check the README's numbers: entry (1, 3) is -8 on B's block
   BOOST_CHECK_EQUAL(h.data()[((1 * 4 + 3) * 8 + 5) * 8 + 5], -8.0);
   BOOST_CHECK_EQUAL(h.data()[((0 * 4 + 1) * 8 + 2) * 8 + 2], 4.0);
@@ -327,7 +312,7 @@ BOOST_AUTO_TEST_CASE(diagonal_only_keeps_only_diagonal_blocks) {
   BOOST_CHECK(!d.contains("A", "B") && !d.contains("B", "A"));
   HESSE_CHECK_THROWS(d.at("A", "B"), ValueError, "diagonal_only");
   const Tensor h = model_hessian_matrix(model, {x, y}, o);
-  CHECK_EXACT(h, mimo_expected(x));  // off-diagonal blocks are zero here anyway
+  CHECK_EXACT(h, seed_readme_hessian(x));  // off-diagonal blocks are zero here anyway
   const HessianDict full = model_hessian_dict(model, {x, y});
   CHECK_EXACT(d("A", "A"), full("A", "A"));
   CHECK_EXACT(d("B", "B"), full("B", "B"));
@@ -339,7 +324,7 @@ BOOST_AUTO_TEST_CASE(is_batch_false_gives_the_same_values) {
   const Tensor x = mimo_x(), y = -x;
   HessianOptions o;
   o.is_batch = false;
-  CHECK_EXACT(model_hessian_matrix(model, {x, y}, o), mimo_expected(x));
+  CHECK_EXACT(model_hessian_matrix(model, {x, y}, o), seed_readme_hessian(x));
   const HessianDict a = model_hessian_dict(model, {x, y}, o), b = model_hessian_dict(model, {x, y});
   for (const auto& [key, blk] : b.blocks()) CHECK_EXACT(a.at(key.first, key.second), blk);
 }
@@ -360,7 +345,7 @@ BOOST_AUTO_TEST_CASE(chunk_sizes_do_not_change_the_result) {
   for (std::size_t k : {1u, 3u, 4u, 100u}) {
     HessianOptions o;
     o.chunk_size = k;
-    CHECK_EXACT(model_hessian_matrix(model, {x, y}, o), mimo_expected(x));
+    CHECK_EXACT(model_hessian_matrix(model, {x, y}, o), seed_readme_hessian(x));
   }
 }
 
