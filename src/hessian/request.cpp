@@ -1,0 +1,273 @@
+// The shared machinery of Hessian requests (see request.hpp). hessian_rows is
+// the engine: the gradient is taken once with create_graph; then chunks of
+// one-hot seeds go through its graph as one batched backward pass each.
+#include "request.hpp"
+
+#include <algorithm>
+#include <unordered_set>
+
+namespace hesse::detail {
+
+Selection select(const char* api, const nn::Module& model, const std::vector<std::string>& names) {
+  const auto all = model.named_parameters();
+  Selection sel;
+  auto add = [&sel](const std::string& name, const Tensor& t) {
+    sel.names.push_back(name);
+    sel.params.push_back(t);
+    sel.offsets.push_back(sel.n);
+    sel.sizes.push_back(t.numel());
+    sel.n += t.numel();
+  };
+  if (names.empty()) {
+    for (const auto& [name, t] : all)
+      if (t.requires_grad()) add(name, t);
+    if (sel.n == 0) throw ValueError(message(api, "the model has no trainable parameters"));
+    return sel;
+  }
+  for (const auto& [name, t] : all) {  // keep registration order whatever order the user listed
+    if (std::find(names.begin(), names.end(), name) == names.end()) continue;
+    if (!t.requires_grad())
+      throw ValueError(message(api, "parameter '", name, "' is frozen (requires_grad is false)"));
+    add(name, t);
+  }
+  for (const std::string& want : names)
+    if (std::find(sel.names.begin(), sel.names.end(), want) == sel.names.end()) {
+      std::string known;
+      for (const auto& p : all) known += (known.empty() ? "" : ", ") + p.first;
+      throw ValueError(message(api, "unknown parameter '", want, "' (parameters: ", known, ")"));
+    }
+  if (sel.n == 0) throw ValueError(message(api, "the selected parameters hold no entries"));
+  return sel;
+}
+
+RequestScope::RequestScope(nn::Module& model, const Selection& sel) : eval_(model) {
+  for (const auto& [name, t] : model.named_parameters())
+    if (t.requires_grad() && std::find(sel.names.begin(), sel.names.end(), name) == sel.names.end()) {
+      Tensor handle = t;
+      handle.requires_grad_(false);
+      frozen_.push_back(handle);
+    }
+}
+
+RequestScope::~RequestScope() {
+  for (Tensor& t : frozen_) t.requires_grad_(true);
+}
+
+std::size_t Selection::param_of(std::size_t r) const {
+  return std::size_t(std::upper_bound(offsets.begin(), offsets.end(), r) - offsets.begin()) - 1;
+}
+
+std::size_t saturating_mul(std::size_t a, std::size_t b) {
+  std::size_t r;
+  return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r;
+}
+
+std::size_t saturating_add(std::size_t a, std::size_t b) {
+  std::size_t r;
+  return __builtin_add_overflow(a, b, &r) ? SIZE_MAX : r;
+}
+
+std::size_t limit_of(const HessianOptions& o) { return o.max_bytes ? o.max_bytes : hessian_memory_limit(); }
+
+// Bytes of the dense result: `count` Hessians of the selection (saturating
+// at SIZE_MAX, so that an overflow is refused rather than wrapped).
+std::size_t dense_bytes(const Selection& sel, std::size_t count, bool diagonal_only) {
+  std::size_t per = 0;
+  if (diagonal_only)
+    for (std::size_t sz : sel.sizes) per = saturating_add(per, saturating_mul(sz, sz));
+  else
+    per = saturating_mul(sel.n, sel.n);
+  return saturating_mul(saturating_mul(per, count), sizeof(double));
+}
+
+void check_memory(const char* api, const Selection& sel, std::size_t count, const HessianOptions& o) {
+  const std::size_t bytes = dense_bytes(sel, count, o.diagonal_only);
+  if (bytes > limit_of(o))
+    throw MemoryLimitError(message(
+        api, "the dense result needs ", bytes, " bytes (", count, " Hessian", count == 1 ? "" : "s", " of n = ",
+        sel.n, " parameters) but the limit is ", limit_of(o),
+        " bytes; use diagonal_only, a smaller params selection, or the matrix-free routes "
+        "(hessian_vector_product, loss_hessian_diagonal), or raise HessianOptions::max_bytes"));
+}
+
+// Entries of every tensor on y's tape: what one seed carries through a backward pass.
+std::size_t tape_elements(const Tensor& y) {
+  std::size_t total = 0;
+  std::vector<const Node*> stack;
+  std::unordered_set<const Node*> seen;
+  if (y.grad_fn()) stack.push_back(y.grad_fn().get());
+  while (!stack.empty()) {
+    const Node* n = stack.back();
+    stack.pop_back();
+    if (!seen.insert(n).second) continue;
+    total += numel_of(n->output_shape);
+    for (const Edge& e : n->edges)
+      if (e.node) stack.push_back(e.node.get());
+  }
+  return std::max<std::size_t>(total, 1);
+}
+
+// Seeds per backward pass: as many as keep one seed's copies of the whole tape
+// near 64k entries (512 KB: elementwise passes stay in cache), but at least 8 so that
+// products stay GEMM-sized; small problems take all their rows in one pass,
+// since there the per-op overhead dominates. The user may choose instead.
+std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_seed) {
+  const std::size_t k = o.chunk_size ? o.chunk_size : std::max<std::size_t>((std::size_t(1) << 16) / per_seed, 8);
+  return std::max<std::size_t>(1, std::min(rows, k));
+}
+
+void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const Selection& sel,
+                  const HessianOptions& o, const RowSink& sink, const std::vector<bool>* wanted_blocks) {
+  if (!y.requires_grad()) return;  // constant in θ: the Hessians are zero
+  const std::size_t per_seed = count * tape_elements(y);
+  Tensor entry_seeds = zeros(concat_shape({count}, y.shape()));
+  for (std::size_t e = 0; e < count; ++e) entry_seeds.mutable_data()[e * y.numel() + first + e] = 1.0;
+  GradOptions first_level;
+  first_level.create_graph = true;
+  first_level.allow_unused = true;
+  first_level.batched_grad_outputs = true;
+  const std::vector<Tensor> g = grad({y}, sel.params, {entry_seeds}, first_level);  // g[p]: [count, P.shape]
+
+  GradOptions second_level;
+  second_level.retain_graph = true;
+  second_level.allow_unused = true;
+  second_level.batched_grad_outputs = true;
+  // seeds for g[p]: k one-hot rows picking (entry, row of p) pairs
+  auto seeds_for = [&](std::size_t p, std::size_t k, const std::vector<std::pair<std::size_t, std::size_t>>& picks) {
+    Tensor seeds = zeros(concat_shape({k, count}, sel.params[p].shape()));
+    for (std::size_t i = 0; i < k; ++i)
+      if (picks[i].second != SIZE_MAX)
+        seeds.mutable_data()[(i * count + picks[i].first) * sel.sizes[p] + picks[i].second] = 1.0;
+    return seeds;
+  };
+  auto live = [&](std::size_t p) { return g[p].defined() && g[p].requires_grad(); };
+  const std::size_t P = sel.params.size();
+  auto wanted = [&](std::size_t p, std::size_t q) { return !wanted_blocks || (*wanted_blocks)[p * P + q]; };
+
+  if (o.diagonal_only) {  // (P, P) blocks only: seeds and derivatives stay within P
+    for (std::size_t p = 0; p < P; ++p) {
+      if (!live(p) || !wanted(p, p)) continue;
+      const std::size_t total = count * sel.sizes[p], k_max = chunk_of(o, total, per_seed);
+      for (std::size_t t0 = 0; t0 < total; t0 += k_max) {
+        const std::size_t k = std::min(k_max, total - t0);
+        std::vector<std::pair<std::size_t, std::size_t>> picks(k);
+        for (std::size_t i = 0; i < k; ++i) picks[i] = {(t0 + i) / sel.sizes[p], (t0 + i) % sel.sizes[p]};
+        const Tensor rows = grad(g[p], sel.params[p], seeds_for(p, k, picks), second_level);
+        if (rows.defined())
+          for (std::size_t i = 0; i < k; ++i)
+            sink(picks[i].first, p, picks[i].second, p, rows.data() + i * sel.sizes[p], false);
+      }
+    }
+    return;
+  }
+  // full rows: chunks of (entry, global row) pairs; each chunk seeds the g[p]
+  // whose rows it touches, and one backward pass gives the blocks (p, q >= p)
+  // of those rows: by symmetry the rest are their transposes, and the pass
+  // never needs to reach the parameters before p on the tape
+  const std::size_t total = count * sel.n, k_max = chunk_of(o, total, per_seed);
+  for (std::size_t t0 = 0; t0 < total; t0 += k_max) {
+    const std::size_t k = std::min(k_max, total - t0);
+    std::vector<Tensor> outputs, seeds;
+    std::vector<std::pair<std::size_t, std::size_t>> where(k);  // (p, row in p) of each seed
+    for (std::size_t i = 0; i < k; ++i) {
+      const std::size_t r = (t0 + i) % sel.n;
+      const std::size_t p = sel.param_of(r);
+      where[i] = {p, r - sel.offsets[p]};
+    }
+    // the parameters this chunk's rows need derivatives by: q >= p, wanted
+    std::vector<bool> needed(P, false);
+    for (const auto& w : where)
+      for (std::size_t q = w.first; q < P; ++q) needed[q] = needed[q] || wanted(w.first, q);
+    for (std::size_t p = 0; p < P; ++p) {
+      if (!live(p)) continue;
+      std::vector<std::pair<std::size_t, std::size_t>> picks(k, {0, SIZE_MAX});
+      bool touched = false;
+      for (std::size_t i = 0; i < k; ++i)
+        if (where[i].first == p) picks[i] = {(t0 + i) / sel.n, where[i].second}, touched = true;
+      if (!touched) continue;
+      outputs.push_back(g[p]);
+      seeds.push_back(seeds_for(p, k, picks));
+    }
+    std::vector<std::size_t> wrt_index;
+    std::vector<Tensor> wrt;
+    for (std::size_t q = 0; q < P; ++q)
+      if (needed[q]) wrt_index.push_back(q), wrt.push_back(sel.params[q]);
+    if (outputs.empty() || wrt.empty()) continue;  // rows of parameters that enter linearly: zero
+    const std::vector<Tensor> rows = grad(outputs, wrt, seeds, second_level);
+    for (std::size_t j = 0; j < wrt.size(); ++j) {
+      const std::size_t q = wrt_index[j];
+      const Tensor& block_rows = rows[j];
+      if (!block_rows.defined()) continue;
+      for (std::size_t i = 0; i < k; ++i) {
+        const auto [p, row] = where[i];
+        if (q < p || !wanted(p, q)) continue;  // q < p comes from the mirror of block (q, p)
+        const double* values = block_rows.data() + i * sel.sizes[q];
+        sink((t0 + i) / sel.n, p, row, q, values, false);
+        if (q > p) sink((t0 + i) / sel.n, p, row, q, values, true);
+      }
+    }
+  }
+}
+
+void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
+                         const std::function<RowSink(std::size_t entry)>& sink_from) {
+  for (std::size_t first = 0; first < y.numel(); first += kEntryGroup)
+    hessian_rows(y, first, std::min(kEntryGroup, y.numel() - first), sel, o, sink_from(first));
+}
+
+std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target) {
+  if (inputs.empty()) throw ValueError(message(api, "no inputs given"));
+  std::size_t b = 0;
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    const Tensor& x = inputs[i];
+    if (!x.defined() || x.ndim() == 0)
+      throw ShapeError(message(api, "with is_batch every input needs a leading batch dimension; input ", i,
+                                       " has shape ", x.defined() ? to_string(x.shape()) : "undefined"));
+    if (i == 0) b = x.shape()[0];
+    else if (x.shape()[0] != b)
+      throw ShapeError(message(api, "inputs disagree on the batch size: ", to_string(inputs[0].shape()),
+                                       " and ", to_string(x.shape())));
+  }
+  if (b == 0) throw ValueError(message(api, "the batch is empty (input 0 has shape ", to_string(inputs[0].shape()), ")"));
+  if (target.defined() && (target.ndim() == 0 || target.shape()[0] != b))
+    throw ShapeError(message(api, "target of shape ", to_string(target.shape()),
+                                     " does not match the batch size ", b, " of the inputs"));
+  return b;
+}
+
+std::vector<Tensor> sample(const std::vector<Tensor>& inputs, std::size_t b) {
+  std::vector<Tensor> out;
+  for (const Tensor& x : inputs) out.push_back(slice(x, 0, std::int64_t(b), std::int64_t(b) + 1));
+  return out;
+}
+
+namespace {
+
+std::string shapes_of(const std::vector<Tensor>& inputs) {
+  std::string s;
+  for (const Tensor& x : inputs) s += (s.empty() ? "" : ", ") + to_string(x.shape());
+  return s;
+}
+
+}  // namespace
+
+Tensor run_sample(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, std::size_t b) {
+  try {
+    return model(sample(inputs, b));
+  } catch (const ShapeError& e) {
+    throw ShapeError(std::string(e.what()) + " [in hesse::" + api + ", is_batch: sample " + std::to_string(b) +
+                     " of inputs of shapes " + shapes_of(inputs) + "]");
+  }
+}
+
+Tensor scalar_loss(const char* api, const Criterion& criterion, const Tensor& output, const Tensor& target) {
+  if (!criterion) throw ValueError(message(api, "no criterion given"));
+  Tensor loss = criterion(output, target);
+  if (!loss.defined() || loss.numel() != 1)
+    throw ShapeError(message(api, "the criterion returned shape ",
+                                     loss.defined() ? to_string(loss.shape()) : "undefined",
+                                     " where a scalar loss is needed (use reduction sum or mean)"));
+  return loss;
+}
+
+}  // namespace hesse::detail

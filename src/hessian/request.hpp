@@ -1,0 +1,91 @@
+#pragma once
+// What every Hessian and curvature request shares (internal, not installed):
+// the parameter selection, the scope that prepares the model, input checks,
+// memory accounting, and the batched row engine behind every dense result.
+#include <cstddef>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "hesse/hessian.hpp"
+#include "../detail.hpp"
+
+namespace hesse::detail {
+
+// The parameters a request differentiates by, and where each starts in the
+// flattened vector θ.
+struct Selection {
+  std::vector<std::string> names;
+  std::vector<Tensor> params;
+  std::vector<std::size_t> offsets, sizes;
+  std::size_t n = 0;
+
+  /// The parameter holding flat index r.
+  std::size_t param_of(std::size_t r) const;
+};
+
+/// options.params (or every trainable parameter) in registration order; unknown,
+/// frozen or empty selections throw, naming `api`.
+Selection select(const char* api, const nn::Module& model, const std::vector<std::string>& names);
+inline Selection select(const char* api, const nn::Module& model, const HessianOptions& o) {
+  return select(api, model, o.params);
+}
+
+// For the duration of a request: eval mode, and parameters outside the
+// selection cut from the tape (their derivatives are never needed).
+class RequestScope {
+ public:
+  RequestScope(nn::Module& model, const Selection& sel);
+  ~RequestScope();
+  RequestScope(const RequestScope&) = delete;
+  RequestScope& operator=(const RequestScope&) = delete;
+
+ private:
+  nn::EvalModeGuard eval_;
+  std::vector<Tensor> frozen_;
+};
+
+/// a * b and a + b, saturating at SIZE_MAX (an overflow is refused, not wrapped).
+std::size_t saturating_mul(std::size_t a, std::size_t b);
+std::size_t saturating_add(std::size_t a, std::size_t b);
+
+std::size_t limit_of(const HessianOptions& o);
+/// Bytes of `count` dense Hessians of the selection (only (P, P) blocks with diagonal_only).
+std::size_t dense_bytes(const Selection& sel, std::size_t count, bool diagonal_only);
+/// A MemoryLimitError naming the bytes, unless they fit the limit.
+void check_memory(const char* api, const Selection& sel, std::size_t count, const HessianOptions& o);
+
+/// Entries of every tensor on y's tape: what one seed carries through a backward pass.
+std::size_t tape_elements(const Tensor& y);
+/// Seeds per backward pass for `rows` rows when one seed carries `per_seed` entries.
+std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_seed);
+
+// Receives one Hessian row: output entry `entry` (within the group), row `row`
+// of parameter p (flattened), its part against parameter q (sizes[q] values).
+// With `mirrored`, the same values are column `row` of block (q, p) instead:
+// the Hessian is symmetric, so only blocks q >= p are computed.
+using RowSink = std::function<void(std::size_t entry, std::size_t p, std::size_t row, std::size_t q,
+                                   const double* values, bool mirrored)>;
+
+/// Output entries whose Hessians are computed together.
+constexpr std::size_t kEntryGroup = 8;
+
+/// Hessians of the entries [first, first + count) of y, reported to sink with
+/// entry = index - first. Blocks listed false in `skip` (when given, P × P
+/// flags, row-major) are neither computed nor reported.
+void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const Selection& sel,
+                  const HessianOptions& o, const RowSink& sink, const std::vector<bool>* wanted_blocks = nullptr);
+/// Hessians of every entry of y, in groups; entry e of y reports as sink_from(first) with first + e.
+void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
+                         const std::function<RowSink(std::size_t first)>& sink_from);
+
+/// The batch size shared by every input (and the target, when defined).
+std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target = Tensor());
+/// Sample b of every input, as a batch of one.
+std::vector<Tensor> sample(const std::vector<Tensor>& inputs, std::size_t b);
+/// The model on sample b alone; a shape error says which sample it came from.
+Tensor run_sample(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, std::size_t b);
+/// criterion(output, target), checked to be a scalar.
+Tensor scalar_loss(const char* api, const Criterion& criterion, const Tensor& output, const Tensor& target);
+
+}  // namespace hesse::detail
