@@ -12,3 +12,4 @@
 #include "hesse/nn/optim.hpp"
 #include "hesse/nn/data.hpp"
 #include "hesse/hessian.hpp"
+#include "hesse/curvature.hpp"

@@ -1,0 +1,31 @@
+#include "progress.hpp"
+
+#include <cstdio>
+#include <unistd.h>
+
+namespace hesse::detail {
+
+Progress::Progress(std::string label, std::size_t total, bool enabled)
+    : label_(std::move(label)), total_(total), active_(enabled && isatty(STDERR_FILENO) == 1),
+      start_(std::chrono::steady_clock::now()), last_(start_) {}
+
+Progress::~Progress() {
+  if (printed_) std::fputc('\n', stderr);
+}
+
+void Progress::update(std::size_t done, const std::string& note) {
+  if (!active_) return;
+  const auto now = std::chrono::steady_clock::now();
+  // a short run says nothing; a long one refreshes a few times a second
+  if (now - start_ < std::chrono::milliseconds(500) || now - last_ < std::chrono::milliseconds(200)) return;
+  last_ = now;
+  printed_ = true;
+  const double seconds = std::chrono::duration<double>(now - start_).count();
+  if (total_)
+    std::fprintf(stderr, "\rhesse: %s %zu/%zu (%.1f s) %s\033[K", label_.c_str(), done, total_, seconds, note.c_str());
+  else
+    std::fprintf(stderr, "\rhesse: %s %zu (%.1f s) %s\033[K", label_.c_str(), done, seconds, note.c_str());
+  std::fflush(stderr);
+}
+
+}  // namespace hesse::detail

@@ -1,0 +1,29 @@
+#pragma once
+// A one-line progress report on stderr for long runs (Lanczos, dataset
+// passes, large dense Hessians); silent unless stderr is a terminal.
+#include <chrono>
+#include <cstddef>
+#include <string>
+
+namespace hesse::detail {
+
+class Progress {
+ public:
+  /// `label` names the work ("lanczos"); `total` steps are expected (0 = unknown).
+  Progress(std::string label, std::size_t total, bool enabled = true);
+  ~Progress();
+  Progress(const Progress&) = delete;
+  Progress& operator=(const Progress&) = delete;
+
+  /// `done` steps are finished; `note` is appended (e.g. the current residual).
+  void update(std::size_t done, const std::string& note = "");
+
+ private:
+  std::string label_;
+  std::size_t total_;
+  bool active_;
+  bool printed_ = false;
+  std::chrono::steady_clock::time_point start_, last_;
+};
+
+}  // namespace hesse::detail

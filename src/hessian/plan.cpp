@@ -1,0 +1,1 @@
+#include "hesse/curvature.hpp"
