@@ -38,7 +38,16 @@ struct HessianOptions {
   /// Refuse, before allocating, a dense result larger than this (0 = the global
   /// default, see set_hessian_memory_limit).
   std::size_t max_bytes = 0;
+  /// Sharpness only: when the dense Hessians would exceed the limit, use
+  /// matrix-free Lanczos instead (and say so through the notice handler).
+  bool matrix_free_fallback = true;
 };
+
+/// Receives hesse's notes about choices it made for the user (a switch to a
+/// matrix-free route); the default prints the line on stderr.
+using NoticeHandler = std::function<void(const std::string& text)>;
+/// Installs `handler` (empty = silence) and returns the previous one.
+NoticeHandler set_notice_handler(NoticeHandler handler);
 
 /// The default limit for dense results (4 GiB unless changed).
 void set_hessian_memory_limit(std::size_t bytes);
@@ -76,7 +85,9 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
 Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
                                  const Tensor& target, const HessianOptions& options = {});
 
-// ---- sharpness: the largest |eigenvalue| of each Hessian (LAPACK dsyevr) ----
+// ---- sharpness: the largest |eigenvalue| of each Hessian ----
+// From the dense Hessian by LAPACK dsyevr; past the memory limit, from the
+// Hessian operator by Lanczos (curvature.hpp), with a notice.
 /// One value per output entry: shape output.shape.
 Tensor model_sharpness(nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& options = {});
 /// A scalar (a [B] vector with batch_loss_sharpness).

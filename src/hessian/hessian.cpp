@@ -11,11 +11,6 @@
 #include "hesse/io.hpp"
 #include "request.hpp"
 
-extern "C" void dsyevr_(const char* jobz, const char* range, const char* uplo, const int* n, double* a,
-                        const int* lda, const double* vl, const double* vu, const int* il, const int* iu,
-                        const double* abstol, int* m, double* w, double* z, const int* ldz, int* isuppz,
-                        double* work, const int* lwork, int* iwork, const int* liwork, int* info);
-
 namespace hesse {
 
 using namespace detail;
@@ -179,55 +174,6 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
     hessian_rows(loss, 0, 1, sel, o, matrix_sink(h, b, sel));
   }
   return h;
-}
-
-// ---- sharpness ----
-
-Tensor symmetric_sharpness(const Tensor& matrices) {
-  if (matrices.ndim() < 2 || matrices.shape()[matrices.ndim() - 1] != matrices.shape()[matrices.ndim() - 2])
-    throw ShapeError(detail::message("symmetric_sharpness", "needs square matrices [..., n, n], got ",
-                                     to_string(matrices.shape())));
-  const int n = int(matrices.shape().back());
-  const Shape lead(matrices.shape().begin(), matrices.shape().end() - 2);
-  Tensor out = Tensor::empty(lead);
-  std::vector<double> a(std::size_t(n) * std::size_t(n)), w(std::max<std::size_t>(std::size_t(n), 1)), z(1);
-  std::vector<int> isuppz(2 * std::size_t(std::max(n, 1)));
-  for (std::size_t e = 0; e < out.numel(); ++e) {
-    double extreme = 0.0;
-    for (int which : {1, n}) {  // the smallest and the largest eigenvalue
-      std::memcpy(a.data(), matrices.data() + e * a.size(), a.size() * sizeof(double));
-      const char jobz = 'N', range = 'I', uplo = 'U';
-      const double vl = 0, vu = 0, abstol = 0;
-      int m = 0, info = 0, lwork = -1, liwork = -1, iwork_query = 0;
-      double work_query = 0;
-      dsyevr_(&jobz, &range, &uplo, &n, a.data(), &n, &vl, &vu, &which, &which, &abstol, &m, w.data(), z.data(), &n,
-              isuppz.data(), &work_query, &lwork, &iwork_query, &liwork, &info);
-      lwork = int(work_query);
-      liwork = iwork_query;
-      std::vector<double> work(std::size_t(std::max(lwork, 1)));
-      std::vector<int> iwork(std::size_t(std::max(liwork, 1)));
-      dsyevr_(&jobz, &range, &uplo, &n, a.data(), &n, &vl, &vu, &which, &which, &abstol, &m, w.data(), z.data(), &n,
-              isuppz.data(), work.data(), &lwork, iwork.data(), &liwork, &info);
-      if (info != 0) throw Error(detail::message("symmetric_sharpness", "LAPACK dsyevr failed with info = ", info));
-      extreme = std::max(extreme, std::abs(w[0]));
-    }
-    out.mutable_data()[e] = extreme;
-  }
-  return out;
-}
-
-Tensor model_sharpness(nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o) {
-  return symmetric_sharpness(model_hessian_matrix(model, inputs, o));
-}
-
-double loss_sharpness(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
-                      const Tensor& target, const HessianOptions& o) {
-  return symmetric_sharpness(loss_hessian_matrix(model, criterion, inputs, target, o)).item();
-}
-
-Tensor batch_loss_sharpness(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
-                            const Tensor& target, const HessianOptions& o) {
-  return symmetric_sharpness(batch_loss_hessian_matrix(model, criterion, inputs, target, o));
 }
 
 // ---- matrix-free ----
