@@ -1,7 +1,9 @@
 #!/usr/bin/python3
 """Runs hesse's Hessian benchmark and the PyTorch anchor in one session, on the
 same machine and memory setting, and prints both JSON objects with the ratios
-ours / PyTorch's best method for every workload.
+ours / PyTorch's best method for every workload. With hvp_large it also runs
+bench_curvature (matrix-free HVP, 20 power and 20 Lanczos steps, top-5, trace,
+density) and compares its steps with the anchor's power iteration.
 
     /usr/bin/python3 scripts/bench_vs_torch.py --build build --anchor ../shared/anchors/anchor_torch.py \
         [--hugetlb] [--only mimo mlp_small_loss ...] [--out result.json]
@@ -40,6 +42,10 @@ def main():
         env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
     ours = json.loads(subprocess.run([os.path.join(a.build, "bench", "bench_hessian"), "--only", *a.only],
                                      env=env, capture_output=True, text=True, check=True).stdout)
+    curvature = None
+    if "hvp_large" in a.only:
+        curvature = json.loads(subprocess.run([os.path.join(a.build, "bench", "bench_curvature")], env=env,
+                                              capture_output=True, text=True, check=True).stdout)
     anchor_out = a.out + ".anchor.json"
     subprocess.run(["/usr/bin/python3", a.anchor, "--only", *a.only, "--out", anchor_out,
                     "--method-timeout", str(a.method_timeout)], env=env, capture_output=True, text=True, check=True)
@@ -62,13 +68,27 @@ def main():
                                        "torch_s": p[1], "ratio": mine["power_iteration_20"]["median_s"] / p[1]},
                 "ours_hvp_over_gradient": mine["hvp_over_gradient"],
             }
+            steps = curvature["results"]["hvp_steps"]
+            ratios["hvp_large_curvature"] = {
+                "hvp": {"ours_s": steps["hvp"]["median_s"], "torch_s": h[1], "ratio": steps["hvp"]["median_s"] / h[1]},
+                "hvp_kept_graph_s": steps["hvp_kept_graph"]["median_s"],
+                "ours_hvp_over_gradient": steps["hvp_over_gradient"],
+                "power_iteration_20": {"ours_s": steps["power_iteration_20"]["median_s"], "torch_best": p[0],
+                                       "torch_s": p[1], "ratio": steps["power_iteration_20"]["median_s"] / p[1]},
+                "lanczos_20": {"ours_s": steps["lanczos_20"]["median_s"], "torch_best": p[0], "torch_s": p[1],
+                               "ratio": steps["lanczos_20"]["median_s"] / p[1]},
+                "top5_s": curvature["results"]["top5"]["top5"]["median_s"],
+                "hutchinson_100_s": curvature["results"]["hutchinson_100"]["hutchinson"]["median_s"],
+                "density_50_s": curvature["results"]["density_50"]["density"]["median_s"],
+            }
         else:
             m, t = best(theirs)
             ours_s = mine["timing"]["median_s"]
             ratios[w] = {"ours_s": ours_s, "torch_best": m, "torch_s": t, "ratio": ours_s / t,
                          "ours_peak_rss_mb": mine.get("peak_rss_mb"),
                          "torch_peak_rss_mb": theirs.get(m, {}).get("peak_rss_mb")}
-    result = {"glibc_tunables": env.get("GLIBC_TUNABLES"), "ratios": ratios, "hesse": ours, "torch": torch}
+    result = {"glibc_tunables": env.get("GLIBC_TUNABLES"), "ratios": ratios, "hesse": ours,
+              "hesse_curvature": curvature, "torch": torch}
     with open(a.out, "w") as fh:
         json.dump(result, fh, indent=1)
     json.dump(ratios, sys.stdout, indent=1)
