@@ -885,6 +885,24 @@ BOOST_AUTO_TEST_SUITE_END()
 
 BOOST_AUTO_TEST_SUITE(mode)
 
+BOOST_AUTO_TEST_CASE(requests_record_even_inside_a_no_grad_scope) {
+  // the tape is the request's own business: a user's NoGradGuard must not
+  // turn every Hessian into zeros
+  Generator gen(59);
+  auto net = nn::mlp({3, 4, 2}, nn::Activation::Kind::tanh, gen);
+  const Tensor x = randn({5, 3}, gen), t = randn({5, 2}, gen);
+  const Tensor h = loss_hessian_matrix(*net, nn::MSELoss(), {x}, t);
+  const Tensor hm = model_hessian_matrix(*net, {x});
+  const Tensor v = randn({26}, gen);
+  const Tensor hv = hessian_vector_product(*net, nn::MSELoss(), {x}, t, v);
+  NoGradGuard user_scope;
+  BOOST_CHECK_GT(max_abs_diff(h, zeros(h.shape())), 0.1);
+  BOOST_CHECK_EQUAL(max_abs_diff(loss_hessian_matrix(*net, nn::MSELoss(), {x}, t), h), 0.0);
+  BOOST_CHECK_EQUAL(max_abs_diff(model_hessian_matrix(*net, {x}), hm), 0.0);
+  BOOST_CHECK_EQUAL(max_abs_diff(hessian_vector_product(*net, nn::MSELoss(), {x}, t, v), hv), 0.0);
+  BOOST_CHECK(!is_grad_enabled());  // and the user's scope is intact
+}
+
 BOOST_AUTO_TEST_CASE(eval_during_and_mode_restored_after) {
   Generator gen(60);
   ModeRecorder m(gen);

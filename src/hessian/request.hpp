@@ -31,7 +31,8 @@ inline Selection select(const char* api, const nn::Module& model, const HessianO
   return select(api, model, o.params);
 }
 
-// For the duration of a request: eval mode, and parameters outside the
+// For the duration of a request: eval mode, recording on (a request made inside
+// a user's NoGradGuard still needs its tape), and parameters outside the
 // selection cut from the tape (their derivatives are never needed).
 class RequestScope {
  public:
@@ -42,6 +43,7 @@ class RequestScope {
 
  private:
   nn::EvalModeGuard eval_;
+  EnableGradGuard recording_;
   std::vector<Tensor> frozen_;
 };
 
