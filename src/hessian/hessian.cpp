@@ -60,33 +60,6 @@ HessianDict empty_dict(const Selection& sel, const Shape& lead, bool diagonal_on
   return d;
 }
 
-// One Hessian per entry of the model's output. With is_batch, sample b is run
-// alone (batch of one) and its entries fill row b of the result.
-template <class MakeResult, class SinkFor>
-void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const Selection& sel,
-                    const HessianOptions& o, MakeResult make_result, SinkFor sink_for) {
-  const std::size_t batches = o.is_batch ? batch_size(api, inputs) : 1;
-  Shape out_shape;
-  std::size_t per_sample = 0;
-  for (std::size_t b = 0; b < batches; ++b) {
-    const Tensor y = o.is_batch ? run_sample(api, model, inputs, b) : model(inputs);
-    if (b == 0) {
-      out_shape = y.shape();
-      if (o.is_batch) {
-        if (y.ndim() == 0 || y.shape()[0] != 1)
-          throw ShapeError(detail::message(api, "with is_batch the model's output needs a leading batch dimension; "
-                                                "one sample gave shape ",
-                                           to_string(y.shape())));
-        out_shape[0] = batches;
-      }
-      per_sample = y.numel();
-      check_memory(api, sel, numel_of(out_shape), o);
-      make_result(out_shape);
-    }
-    hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(b * per_sample + first); });
-  }
-}
-
 }  // namespace
 
 void set_hessian_memory_limit(std::size_t bytes) { global_limit = bytes; }

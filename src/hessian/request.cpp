@@ -210,9 +210,10 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
 }
 
 void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
-                         const std::function<RowSink(std::size_t entry)>& sink_from) {
+                         const std::function<RowSink(std::size_t entry)>& sink_from,
+                         const std::vector<bool>* wanted_blocks) {
   for (std::size_t first = 0; first < y.numel(); first += kEntryGroup)
-    hessian_rows(y, first, std::min(kEntryGroup, y.numel() - first), sel, o, sink_from(first));
+    hessian_rows(y, first, std::min(kEntryGroup, y.numel() - first), sel, o, sink_from(first), wanted_blocks);
 }
 
 std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target) {
@@ -268,6 +269,56 @@ Tensor scalar_loss(const char* api, const Criterion& criterion, const Tensor& ou
                                      loss.defined() ? to_string(loss.shape()) : "undefined",
                                      " where a scalar loss is needed (use reduction sum or mean)"));
   return loss;
+}
+
+Outputs loss_outputs(const char* api, nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
+                     const Tensor& target) {
+  return [=, &model, &criterion, &inputs, &target](const StartFn& start, const OutputFn& each) {
+    const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
+    start({});
+    each(loss, 0);
+  };
+}
+
+Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o) {
+  return [=, &model, &inputs](const StartFn& start, const OutputFn& each) {
+    const std::size_t batches = o.is_batch ? batch_size(api, inputs) : 1;
+    std::size_t per_sample = 0;
+    for (std::size_t b = 0; b < batches; ++b) {
+      const Tensor y = o.is_batch ? run_sample(api, model, inputs, b) : model(inputs);
+      if (b == 0) {
+        Shape lead = y.shape();
+        if (o.is_batch) {
+          if (y.ndim() == 0 || y.shape()[0] != 1)
+            throw ShapeError(message(api, "with is_batch the model's output needs a leading batch dimension; "
+                                          "one sample gave shape ",
+                                     to_string(y.shape())));
+          lead[0] = batches;
+        }
+        per_sample = y.numel();
+        start(lead);
+      }
+      if (!each(y, b * per_sample)) return;
+    }
+  };
+}
+
+void check_bytes(const char* api, const std::string& what, std::size_t bytes, const Selection& sel,
+                 std::size_t count, const HessianOptions& o) {
+  if (bytes > limit_of(o))
+    throw MemoryLimitError(message(
+        api, what, " needs ", bytes, " bytes (", count, " Hessian", count == 1 ? "" : "s", " of n = ", sel.n,
+        " parameters) but the limit is ", limit_of(o),
+        " bytes; use diagonal_only, a smaller params selection, or the matrix-free operators "
+        "(loss_hessian_operator, lanczos), or raise HessianOptions::max_bytes"));
+}
+
+std::size_t index_of(const char* api, const std::vector<std::string>& names, const std::string& name) {
+  const auto it = std::find(names.begin(), names.end(), name);
+  if (it != names.end()) return std::size_t(it - names.begin());
+  std::string known;
+  for (const std::string& n : names) known += (known.empty() ? "" : ", ") + n;
+  throw ValueError(message(api, "unknown parameter '", name, "' (selected: ", known, ")"));
 }
 
 }  // namespace hesse::detail

@@ -79,7 +79,8 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
                   const HessianOptions& o, const RowSink& sink, const std::vector<bool>* wanted_blocks = nullptr);
 /// Hessians of every entry of y, in groups; entry e of y reports as sink_from(first) with first + e.
 void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
-                         const std::function<RowSink(std::size_t first)>& sink_from);
+                         const std::function<RowSink(std::size_t first)>& sink_from,
+                         const std::vector<bool>* wanted_blocks = nullptr);
 
 /// The batch size shared by every input (and the target, when defined).
 std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target = Tensor());
@@ -89,5 +90,63 @@ std::vector<Tensor> sample(const std::vector<Tensor>& inputs, std::size_t b);
 Tensor run_sample(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, std::size_t b);
 /// criterion(output, target), checked to be a scalar.
 Tensor scalar_loss(const char* api, const Criterion& criterion, const Tensor& output, const Tensor& target);
+
+// ---- the outputs a request differentiates ----
+// A loss request has one output, the scalar loss, and its result has no
+// leading dims (lead []). A model request has the model's output: one Hessian
+// per entry, lead = the output's shape; with is_batch every sample is run
+// alone, and sample b's entries start at b * (entries per sample).
+using StartFn = std::function<void(const Shape& lead)>;
+/// Gets an output and the index of its first entry in the result; false stops the visit.
+using OutputFn = std::function<bool(const Tensor& y, std::size_t base)>;
+/// Runs the forward pass(es): start(lead) once, after the first output and before visiting it.
+using Outputs = std::function<void(const StartFn& start, const OutputFn& each)>;
+/// (The returned functions keep references to the arguments.)
+Outputs loss_outputs(const char* api, nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
+                     const Tensor& target);
+Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o);
+
+// One Hessian per entry of the model's output. With is_batch, sample b is run
+// alone (batch of one) and its entries fill row b of the result.
+template <class MakeResult, class SinkFor>
+void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const Selection& sel,
+                    const HessianOptions& o, MakeResult make_result, SinkFor sink_for) {
+  model_outputs(api, model, inputs, o)(
+      [&](const Shape& lead) {
+        check_memory(api, sel, numel_of(lead), o);
+        make_result(lead);
+      },
+      [&](const Tensor& y, std::size_t base) {
+        hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(base + first); });
+        return true;
+      });
+}
+
+/// The position of `name` in `names`, or a ValueError naming `api` and the known names.
+std::size_t index_of(const char* api, const std::vector<std::string>& names, const std::string& name);
+
+/// A MemoryLimitError naming `what` needs `bytes`, unless they fit the limit.
+void check_bytes(const char* api, const std::string& what, std::size_t bytes, const Selection& sel,
+                 std::size_t count, const HessianOptions& o);
+
+// ---- structure on the tape (structure.cpp) ----
+/// Calls on_node for every node on the graphs of `roots` (once each) and
+/// on_leaf for every leaf they reach (possibly more than once).
+void walk_tape(const std::vector<Tensor>& roots, const std::function<void(const Node&)>& on_node,
+               const std::function<void(const detail::TensorImpl*)>& on_leaf);
+/// The gradient g[p] = ∂(Σ seeds ⊙ y)/∂θ_p of every selected parameter, recorded
+/// (create_graph); g[p] is undefined or constant where y does not depend on θ_p.
+/// `seeds` may carry leading batch dims; undefined seeds mean ones.
+std::vector<Tensor> first_gradient(const Tensor& y, const Selection& sel, const Tensor& seeds = Tensor());
+/// P × P flags, symmetric: block (P, Q) can be nonzero when θ_Q is a leaf of g[P]'s graph for some output.
+std::vector<bool> structure_of(const Selection& sel, const Outputs& outputs);
+
+// ---- storage sizes (storage.cpp) ----
+/// Bytes of `count` packed upper triangles of size n.
+std::size_t packed_bytes(std::size_t n, std::size_t count);
+/// The blocks a block-sparse request computes and stores: the structure; only (P, P) with diagonal_only.
+std::vector<bool> stored_blocks(const Selection& sel, const Outputs& outputs, bool diagonal_only);
+/// Bytes of `count` Hessians' blocks (P, Q ≥ P) flagged in `blocks` (P × P).
+std::size_t block_bytes(const Selection& sel, const std::vector<bool>& blocks, std::size_t count);
 
 }  // namespace hesse::detail
