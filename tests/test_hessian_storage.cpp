@@ -128,13 +128,15 @@ BOOST_AUTO_TEST_CASE(mimo_blocks_a_b_are_structurally_zero) {
   BOOST_CHECK(s.nonzero("A", "A") && s.nonzero("B", "B"));
   BOOST_CHECK(!s.nonzero("A", "B") && !s.nonzero("B", "A"));
   check_structure_against(s, model_hessian_dict(mimo, {mx, my}), 8);
-  // Through a loss the tape cannot tell: ∂L/∂out is one tensor that depends on
-  // A and B, and hstack's backward slices it. (A, B) is zero in value, not in
-  // structure, and the structure errs on the safe side.
+  // Through a loss, ∂L/∂out is one tensor that depends on A and B, so the tape
+  // alone cannot rule (A, B) out; the random probes do, and the block-sparse
+  // loss Hessian skips it too.
   const HessianStructure l = loss_hessian_structure(mimo, nn::MSELoss(), {mx, my}, mt);
-  BOOST_CHECK(l.nonzero("A", "B"));
-  check_structure_against(l, loss_hessian_dict(mimo, nn::MSELoss(), {mx, my}, mt), 1, true);
-  BOOST_CHECK_EQUAL(max_abs(loss_hessian_dict(mimo, nn::MSELoss(), {mx, my}, mt)("A", "B")), 0.0);
+  BOOST_CHECK(!l.nonzero("A", "B") && l.nonzero("A", "A") && l.nonzero("B", "B"));
+  check_structure_against(l, loss_hessian_dict(mimo, nn::MSELoss(), {mx, my}, mt));
+  const BlockSparseHessian sparse = loss_hessian_block_sparse(mimo, nn::MSELoss(), {mx, my}, mt);
+  BOOST_CHECK(sparse.blocks.count({0, 1}) == 0 && sparse.blocks.size() == 2);
+  BOOST_CHECK_EQUAL(max_abs_diff(sparse.dense(), loss_hessian_matrix(mimo, nn::MSELoss(), {mx, my}, mt)), 0.0);
   BOOST_TEST_MESSAGE(s.str());
   BOOST_CHECK(s.str().find("A x .") != std::string::npos);
 }

@@ -138,7 +138,8 @@ void walk_tape(const std::vector<Tensor>& roots, const std::function<void(const 
 /// (create_graph); g[p] is undefined or constant where y does not depend on θ_p.
 /// `seeds` may carry leading batch dims; undefined seeds mean ones.
 std::vector<Tensor> first_gradient(const Tensor& y, const Selection& sel, const Tensor& seeds = Tensor());
-/// P × P flags, symmetric: block (P, Q) can be nonzero when θ_Q is a leaf of g[P]'s graph for some output.
+/// P × P flags, symmetric: block (P, Q) is nonzero when θ_Q is a leaf of g[P]'s graph for
+/// some output and random probes of the block do not vanish (see structure.cpp).
 std::vector<bool> structure_of(const Selection& sel, const Outputs& outputs);
 
 // ---- storage sizes (storage.cpp) ----
