@@ -131,6 +131,7 @@ struct LanczosOptions {
   /// Vectors per block (block Lanczos); 1 is plain Lanczos.
   std::size_t block_size = 1;
   /// Products at most (the Krylov basis holds this many vectors); 0 = min(n, max(20 k, 100)).
+  /// The k products that measure the residuals at the end come on top.
   std::size_t max_products = 0;
   /// Converged when ‖A v − λ v‖ ≤ tolerance · max |λ| for every wanted pair.
   double tolerance = 1e-10;
@@ -148,7 +149,11 @@ struct Eigenpairs {
 };
 
 /// Extreme eigenpairs of a symmetric operator by (block) Lanczos with full
-/// reorthogonalisation; residuals are measured, not estimated.
+/// reorthogonalisation; residuals are measured, not estimated. When the Krylov
+/// space becomes invariant (few distinct eigenvalues, low rank) Lanczos restarts
+/// from a random vector orthogonal to it, until a restart finds nothing beyond
+/// the k-th value, so repeated eigenvalues come out with their multiplicity.
+/// Not converging within max_products is reported (converged = false), not thrown.
 Eigenpairs lanczos(const LinearOperator& op, const LanczosOptions& options = {});
 
 struct PowerIteration {
@@ -181,6 +186,8 @@ struct TraceEstimate {
 };
 TraceEstimate hutchinson_trace(const LinearOperator& op, const EstimatorOptions& options = {});
 /// Hutch++: the trace of a rank-(probes/3) sketch, exact, plus Hutchinson on the rest.
+/// The standard error is that of the Hutchinson part (NaN with a single remaining
+/// probe, probes = 3); when probes/3 ≥ n the result is exact and the error 0.
 TraceEstimate hutchpp_trace(const LinearOperator& op, const EstimatorOptions& options = {});
 
 struct DiagonalEstimate {
@@ -205,21 +212,28 @@ struct DensityOptions {
   std::size_t nodes = 50;
   /// Points of the output grid.
   std::size_t grid_points = 1000;
-  /// Gaussian broadening, as a fraction of the spectral range.
+  /// Gaussian broadening, as a fraction of the spectral range: σ = sigma · (largest
+  /// node − smallest node), or sigma · max|node| when all nodes coincide.
   double sigma = 0.01;
   std::uint64_t seed = 0;
   bool progress = true;
 };
 
 struct SpectralDensity {
-  Tensor grid;     ///< [grid_points]
+  Tensor grid;     ///< [grid_points], from 5σ below the smallest node to 5σ above the largest
   Tensor density;  ///< [grid_points], integrates to about 1
-  Tensor nodes;    ///< [probes, nodes]: Ritz values
+  /// [probes, nodes]: Ritz values, ascending. A probe whose Krylov space became
+  /// invariant early (or n < nodes) has fewer: its row is padded with its last
+  /// node at weight 0.
+  Tensor nodes;
   Tensor weights;  ///< [probes, nodes]: quadrature weights (each row sums to 1)
   std::size_t products = 0;
   /// "eigenvalue,density" lines with a header.
   void save_csv(const std::string& path) const;
 };
+/// φ(x) = (1/probes) Σ_p Σ_j w_pj N(x; θ_pj, σ²): per probe (a normalised
+/// Rademacher vector) `nodes` Lanczos steps give the Gauss quadrature nodes θ
+/// and weights w (Ubaru, Chen & Saad 2017), broadened by Gaussians.
 SpectralDensity spectral_density(const LinearOperator& op, const DensityOptions& options = {});
 
 // ============================================================================

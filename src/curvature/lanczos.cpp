@@ -1,1 +1,409 @@
-#include "hesse/curvature.hpp"
+// Spectra: block Lanczos with full reorthogonalisation, and power iteration.
+#include "lanczos.hpp"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include <cblas.h>
+
+#include "../detail.hpp"
+#include "progress.hpp"
+
+extern "C" void dsyevr_(const char* jobz, const char* range, const char* uplo, const int* n, double* a,
+                        const int* lda, const double* vl, const double* vu, const int* il, const int* iu,
+                        const double* abstol, int* m, double* w, double* z, const int* ldz, int* isuppz,
+                        double* work, const int* lwork, int* iwork, const int* liwork, int* info);
+
+namespace hesse {
+namespace detail {
+
+SymmetricEigen symmetric_eigen(const double* a, std::size_t m, std::size_t lda) {
+  SymmetricEigen out;
+  out.m = m;
+  if (m == 0) return out;
+  std::vector<double> copy(m * m);  // dsyevr overwrites its input; symmetric, so row or column major alike
+  for (std::size_t i = 0; i < m; ++i) std::copy(a + i * lda, a + i * lda + m, copy.data() + i * m);
+  out.values.resize(m);
+  out.vectors.resize(m * m);
+  const char jobz = 'V', range = 'A', uplo = 'L';
+  const int size = int(m), none = 0;
+  const double unused = 0, abstol = 0;
+  int found = 0, info = 0, lwork = -1, liwork = -1, iwork_query = 0;
+  double work_query = 0;
+  std::vector<int> isuppz(2 * m);
+  dsyevr_(&jobz, &range, &uplo, &size, copy.data(), &size, &unused, &unused, &none, &none, &abstol, &found,
+          out.values.data(), out.vectors.data(), &size, isuppz.data(), &work_query, &lwork, &iwork_query, &liwork,
+          &info);
+  lwork = int(work_query);
+  liwork = iwork_query;
+  std::vector<double> work(std::size_t(std::max(lwork, 1)));
+  std::vector<int> iwork(std::size_t(std::max(liwork, 1)));
+  dsyevr_(&jobz, &range, &uplo, &size, copy.data(), &size, &unused, &unused, &none, &none, &abstol, &found,
+          out.values.data(), out.vectors.data(), &size, isuppz.data(), work.data(), &lwork, iwork.data(), &liwork,
+          &info);
+  if (info != 0 || found != size)
+    throw Error(message("lanczos", "LAPACK dsyevr failed on the ", m, " x ", m, " projected matrix (info = ", info,
+                        ")"));
+  return out;
+}
+
+void fill_rademacher(Generator& gen, double* out, std::size_t count) {
+  for (std::size_t i = 0; i < count; i += 64) {
+    std::uint64_t bits = gen.engine()();
+    for (std::size_t j = i; j < std::min(count, i + 64); ++j, bits >>= 1) out[j] = (bits & 1) ? 1.0 : -1.0;
+  }
+}
+
+namespace {
+
+/// W ← W − Cᵀ V with C = V Wᵀ: removes from `count` rows W [count, n] their
+/// components along the m orthonormal rows V [m, n]; C [m, count] keeps them.
+void project_out(const double* v, std::size_t m, std::size_t n, double* w, std::size_t count, double* c) {
+  if (m == 0) return;
+  if (count == 1) {
+    cblas_dgemv(CblasRowMajor, CblasNoTrans, int(m), int(n), 1.0, v, int(n), w, 1, 0.0, c, 1);
+    cblas_dgemv(CblasRowMajor, CblasTrans, int(m), int(n), -1.0, v, int(n), c, 1, 1.0, w, 1);
+    return;
+  }
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(count), int(n), 1.0, v, int(n), w, int(n), 0.0, c,
+              int(count));
+  cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(count), int(n), int(m), -1.0, c, int(count), v, int(n), 1.0,
+              w, int(n));
+}
+
+double norm(const double* x, std::size_t n) { return cblas_dnrm2(int(n), x, 1); }
+
+}  // namespace
+
+KrylovBasis::KrylovBasis(const LinearOperator& op, std::size_t capacity, std::size_t block_size, Generator& gen,
+                         bool restart)
+    : op_(op), n_(op.size()), capacity_(capacity), block_(block_size), gen_(gen), restart_(restart),
+      v_(Tensor::empty({capacity + block_size, op.size()})),
+      t_(capacity * capacity),
+      l_(block_size * block_size),
+      coef_(capacity * block_size),
+      coef2_(capacity * block_size) {}
+
+void KrylovBasis::start(const double* rows, std::size_t count) {
+  std::memmove(row_mut(0), rows, count * n_ * sizeof(double));
+  m_ = 0;
+  anorm_ = 0;
+  broke_ = false;
+  last_start_ = last_size_ = 0;
+  segments_.assign(1, 0);
+  std::fill(t_.begin(), t_.end(), 0.0);
+  double scale = 0;
+  for (std::size_t i = 0; i < count; ++i) scale = std::max(scale, norm(row(i), n_));
+  std::size_t kept = orthonormalize_block(count, 1e-12 * scale);
+  while (kept < count && random_row(kept)) ++kept;  // a dependent start row: replace it
+  std::fill(l_.begin(), l_.end(), 0.0);             // no residual before the first product
+  next_ = std::min(kept, capacity_);
+}
+
+void KrylovBasis::start_random() {
+  for (std::size_t i = 0; i < block_ * n_; ++i) row_mut(0)[i] = gen_.normal();
+  start(row(0), block_);
+}
+
+void KrylovBasis::step() {
+  const std::size_t b0 = m_, pj = next_;
+  if (pj == 0) throw Error(message("lanczos", "internal: step() on a basis that cannot grow"));
+  Tensor block = Tensor::empty({pj, n_});
+  std::memcpy(block.mutable_data(), row(b0), pj * n_ * sizeof(double));
+  const Tensor product = op_(block);
+  last_start_ = b0;
+  last_size_ = pj;
+  m_ = b0 + pj;
+
+  // The residual block W = A V_j goes right after the basis, where the next block will be.
+  double* w = row_mut(m_);
+  std::memcpy(w, product.data(), pj * n_ * sizeof(double));
+  for (std::size_t a = 0; a < pj; ++a) anorm_ = std::max(anorm_, norm(w + a * n_, n_));
+
+  // Full reorthogonalisation, twice (Kahan–Parlett): the first pass also
+  // yields T_jj = V_j A V_jᵀ, the second removes what rounding left behind.
+  project_out(row(0), m_, n_, w, pj, coef_.data());
+  project_out(row(0), m_, n_, w, pj, coef2_.data());
+  for (std::size_t a = 0; a < pj; ++a)
+    for (std::size_t b = 0; b < pj; ++b) {
+      const std::size_t ab = (b0 + a) * pj + b, ba = (b0 + b) * pj + a;
+      t_[(b0 + a) * capacity_ + b0 + b] = 0.5 * (coef_[ab] + coef2_[ab] + coef_[ba] + coef2_[ba]);
+    }
+
+  next_ = 0;
+  broke_ = false;
+  std::fill(l_.begin(), l_.end(), 0.0);
+  if (m_ == n_) return;  // the basis spans R^n: A V = V T exactly, nothing is left
+
+  // W = L Q: the next block. A residual row of size ~rounding carries no
+  // direction: it is dropped and, if allowed, replaced by a random vector
+  // orthogonal to everything so far (its coupling to block j is zero).
+  const std::size_t kept = orthonormalize_block(pj, 1e-12 * anorm_);
+  broke_ = kept == 0;  // an invariant subspace: T splits here
+  std::size_t rows = kept;
+  if (restart_ && m_ < capacity_)
+    while (rows < pj && random_row(m_ + rows)) ++rows;
+  if (broke_ && rows > 0) segments_.push_back(m_);
+  next_ = std::min(rows, capacity_ - m_);
+  for (std::size_t a = 0; a < pj; ++a)
+    for (std::size_t b = 0; b < next_; ++b)
+      t_[(b0 + a) * capacity_ + m_ + b] = t_[(m_ + b) * capacity_ + b0 + a] = l_[a * block_ + b];
+}
+
+std::size_t KrylovBasis::orthonormalize_block(std::size_t count, double threshold) {
+  std::fill(l_.begin(), l_.end(), 0.0);
+  std::vector<double> c(block_);
+  std::size_t kept = 0;
+  for (std::size_t a = 0; a < count; ++a) {
+    double* w = row_mut(m_ + kept);  // survivors are compacted to the front
+    if (kept < a) std::memcpy(w, row(m_ + a), n_ * sizeof(double));
+    for (int pass = 0; pass < 2; ++pass) {  // against the rows kept so far (a few)
+      project_out(row(m_), kept, n_, w, 1, c.data());
+      for (std::size_t b = 0; b < kept; ++b) l_[a * block_ + b] += c[b];
+    }
+    const double size = norm(w, n_);
+    if (size > threshold && m_ + kept < n_) {
+      cblas_dscal(int(n_), 1.0 / size, w, 1);
+      l_[a * block_ + kept] = size;
+      ++kept;
+    }
+  }
+  return kept;
+}
+
+bool KrylovBasis::random_row(std::size_t r) {
+  if (r >= n_) return false;
+  double* x = row_mut(r);
+  for (std::size_t i = 0; i < n_; ++i) x[i] = gen_.normal();
+  std::vector<double> c(r);
+  // Repeat while a pass removes most of the vector (DGKS); two passes almost always.
+  double before = norm(x, n_), after = before;
+  for (int pass = 0; pass < 4; ++pass) {
+    project_out(row(0), r, n_, x, 1, c.data());
+    after = norm(x, n_);
+    if (pass >= 1 && after > 0.5 * before) break;
+    before = after;
+  }
+  if (!(after > 0)) return false;
+  cblas_dscal(int(n_), 1.0 / after, x, 1);
+  return true;
+}
+
+double KrylovBasis::residual_estimate(const double* y_last) const {
+  double sum = 0;
+  for (std::size_t b = 0; b < block_; ++b) {
+    double r = 0;
+    for (std::size_t a = 0; a < last_size_; ++a) r += y_last[a] * l_[a * block_ + b];
+    sum += r * r;
+  }
+  return std::sqrt(sum);
+}
+
+}  // namespace detail
+
+// ============================================================================
+// lanczos
+// ============================================================================
+
+namespace {
+
+using detail::KrylovBasis;
+using detail::SymmetricEigen;
+
+/// The eigenpairs of one decoupled diagonal block of T.
+struct Segment {
+  std::size_t start = 0;
+  SymmetricEigen eigen;
+  std::vector<double> estimate;  // Lanczos residual estimate of each pair
+};
+
+/// A Ritz pair: eigenvector `index` of segment `segment`.
+struct Ritz {
+  double value, estimate;
+  std::size_t segment, index;
+};
+
+/// Whether a comes before b in the order `which` asks for (ties: positive first).
+bool before(Which which, double a, double b) {
+  switch (which) {
+    case Which::largest: return a > b;
+    case Which::smallest: return a < b;
+    case Which::largest_magnitude: return std::abs(a) > std::abs(b) || (std::abs(a) == std::abs(b) && a > b);
+  }
+  return false;
+}
+
+/// The Ritz pairs of segments [first, last), best first.
+std::vector<Ritz> ranked(const std::vector<Segment>& segments, std::size_t first, std::size_t last, Which which) {
+  std::vector<Ritz> pairs;
+  for (std::size_t s = first; s < last; ++s)
+    for (std::size_t j = 0; j < segments[s].eigen.m; ++j)
+      pairs.push_back({segments[s].eigen.values[j], segments[s].estimate[j], s, j});
+  std::stable_sort(pairs.begin(), pairs.end(),
+                   [which](const Ritz& a, const Ritz& b) { return before(which, a.value, b.value); });
+  return pairs;
+}
+
+Segment make_segment(const KrylovBasis& basis, std::size_t start, std::size_t end, bool closed) {
+  Segment s;
+  s.start = start;
+  s.eigen = detail::symmetric_eigen(basis.t() + start * basis.ldt() + start, end - start, basis.ldt());
+  s.estimate.assign(s.eigen.m, 0.0);  // a closed segment spans an invariant subspace
+  if (!closed)
+    for (std::size_t j = 0; j < s.eigen.m; ++j)
+      s.estimate[j] = basis.residual_estimate(s.eigen.vector(j) + (basis.last_block_start() - start));
+  return s;
+}
+
+/// Brings the per-segment eigenpairs up to date with the basis.
+void update_segments(const KrylovBasis& basis, std::vector<Segment>& segments) {
+  const auto& starts = basis.segments();
+  if (!segments.empty()) segments.pop_back();  // the open segment has grown
+  while (segments.size() + 1 < starts.size())
+    segments.push_back(make_segment(basis, starts[segments.size()], starts[segments.size() + 1], true));
+  segments.push_back(make_segment(basis, starts.back(), basis.size(), false));
+}
+
+/// After a breakdown the Krylov space has lost the remaining multiplicity of
+/// every eigenvalue it found, so the basis restarts from a fresh random
+/// vector. The answer is only trusted once the latest restart has converged
+/// on its own extreme Ritz values and they do not improve on the k-th value
+/// found before it (else more copies may remain: restart again).
+bool restart_settled(const std::vector<Segment>& segments, std::size_t k, Which which, double tolerance,
+                     double scale) {
+  if (segments.size() == 1) return true;  // never broke down
+  std::size_t latest = segments.size() - 1;
+  if (segments[latest].eigen.m == 0) latest -= 1;  // just restarted: judge the segment that closed
+  const Segment& s = segments[latest];
+  const std::size_t lo = 0, hi = s.eigen.m - 1;
+  const bool lo_needed = which != Which::largest, hi_needed = which != Which::smallest;
+  if ((lo_needed && s.estimate[lo] > tolerance) || (hi_needed && s.estimate[hi] > tolerance)) return false;
+  const std::vector<Ritz> older = ranked(segments, 0, latest, which);
+  if (older.size() < k) return false;
+  const double kth = older[k - 1].value, ties = 1e-8 * scale;
+  switch (which) {
+    case Which::largest: return s.eigen.values[hi] <= kth + ties;
+    case Which::smallest: return s.eigen.values[lo] >= kth - ties;
+    case Which::largest_magnitude:
+      return std::max(std::abs(s.eigen.values[lo]), std::abs(s.eigen.values[hi])) <= std::abs(kth) + ties;
+  }
+  return true;
+}
+
+double spectral_scale(const std::vector<Ritz>& pairs) {
+  double scale = 0;
+  for (const Ritz& r : pairs) scale = std::max(scale, std::abs(r.value));
+  return std::max(scale, DBL_MIN);
+}
+
+void check_options(const LinearOperator& op, const LanczosOptions& o) {
+  const std::size_t n = op.size();
+  if (n == 0) throw ValueError("hesse::lanczos: the operator is undefined (size 0)");
+  if (o.k == 0 || o.k > n)
+    throw ValueError(detail::message("lanczos", "k must be in [1, n] = [1, ", n, "], got k = ", o.k));
+  if (o.block_size == 0) throw ValueError("hesse::lanczos: block_size must be positive, got 0");
+  if (!(o.tolerance > 0)) throw ValueError(detail::message("lanczos", "tolerance must be positive, got ", o.tolerance));
+  if (o.max_products != 0 && o.max_products < o.k)
+    throw ValueError(detail::message("lanczos", "max_products = ", o.max_products, " is smaller than k = ", o.k));
+}
+
+}  // namespace
+
+Eigenpairs lanczos(const LinearOperator& op, const LanczosOptions& o) {
+  check_options(op, o);
+  NoGradGuard no_grad;
+  const std::size_t n = op.size(), k = o.k, products_before = op.products();
+  const std::size_t capacity = std::min(n, o.max_products ? o.max_products : std::max<std::size_t>(20 * k, 100));
+  const std::size_t block = std::min(o.block_size, capacity);
+  const std::size_t check_every = std::max<std::size_t>(1, 5 / block);  // T's eigenproblem every ~5 products
+
+  Generator gen(o.seed);
+  KrylovBasis basis(op, capacity, block, gen, /*restart=*/true);
+  basis.start_random();
+  detail::Progress progress("lanczos", capacity, o.progress);
+  std::vector<Segment> segments;
+  std::vector<Ritz> pairs;
+  std::string note;
+  for (std::size_t since = 0;;) {
+    basis.step();
+    progress.update(basis.size(), note);
+    const bool last = !basis.can_grow();
+    if (!last && (basis.size() < k || (++since < check_every && !basis.broke_down()))) continue;
+    since = 0;
+    update_segments(basis, segments);
+    pairs = ranked(segments, 0, segments.size(), o.which);
+    const double scale = spectral_scale(pairs), tolerance = o.tolerance * scale;
+    double worst = 0;  // the largest estimated residual of a wanted pair
+    for (std::size_t i = 0; i < std::min(k, pairs.size()); ++i) worst = std::max(worst, pairs[i].estimate);
+    if (last || (pairs.size() >= k && worst <= tolerance && restart_settled(segments, k, o.which, tolerance, scale)))
+      break;
+    char text[64];
+    std::snprintf(text, sizeof text, "relative residual %.1e", worst / scale);
+    note = text;
+  }
+  if (pairs.size() < k) throw Error(detail::message("lanczos", "internal: ", pairs.size(), " Ritz pairs for k = ", k));
+
+  // Ritz vectors x = Vᵀ y, then one block product to measure ‖A x − θ x‖.
+  Eigenpairs out;
+  out.values = Tensor::empty({k});
+  out.vectors = Tensor::empty({k, n});
+  out.residuals = Tensor::empty({k});
+  for (std::size_t i = 0; i < k; ++i) {
+    const Segment& s = segments[pairs[i].segment];
+    cblas_dgemv(CblasRowMajor, CblasTrans, int(s.eigen.m), int(n), 1.0, basis.row(s.start), int(n),
+                s.eigen.vector(pairs[i].index), 1, 0.0, out.vectors.mutable_data() + i * n, 1);
+    out.values.mutable_data()[i] = pairs[i].value;
+  }
+  const Tensor ax = op(out.vectors);
+  const double tolerance = o.tolerance * spectral_scale(pairs);
+  out.converged = true;
+  for (std::size_t i = 0; i < k; ++i) {
+    const double* x = out.vectors.data() + i * n;
+    const double* y = ax.data() + i * n;
+    double sum = 0;
+    for (std::size_t e = 0; e < n; ++e) sum += (y[e] - pairs[i].value * x[e]) * (y[e] - pairs[i].value * x[e]);
+    out.residuals.mutable_data()[i] = std::sqrt(sum);
+    out.converged = out.converged && std::sqrt(sum) <= tolerance;
+  }
+  out.products = op.products() - products_before;
+  return out;
+}
+
+// ============================================================================
+// power iteration
+// ============================================================================
+
+PowerIteration power_iteration(const LinearOperator& op, std::size_t steps, std::uint64_t seed) {
+  if (op.size() == 0) throw ValueError("hesse::power_iteration: the operator is undefined (size 0)");
+  if (steps == 0) throw ValueError("hesse::power_iteration: steps must be positive, got 0");
+  NoGradGuard no_grad;
+  const std::size_t n = op.size(), products_before = op.products();
+  Generator gen(seed);
+  Tensor v = randn({n}, gen);
+  cblas_dscal(int(n), 1.0 / cblas_dnrm2(int(n), v.data(), 1), v.mutable_data(), 1);
+
+  // v_{i+1} = A v_i / ‖A v_i‖; the last product also gives the Rayleigh
+  // quotient vᵀ A v and the residual of the returned vector.
+  Tensor av = op(v);
+  for (std::size_t i = 1; i < steps; ++i) {
+    const double size = cblas_dnrm2(int(n), av.data(), 1);
+    if (!(size > 0)) break;  // A v = 0: v is an eigenvector of 0
+    v = av.clone();
+    cblas_dscal(int(n), 1.0 / size, v.mutable_data(), 1);
+    av = op(v);
+  }
+  PowerIteration out;
+  out.value = cblas_ddot(int(n), v.data(), 1, av.data(), 1);
+  double sum = 0;
+  for (std::size_t e = 0; e < n; ++e) sum += (av.data()[e] - out.value * v.data()[e]) * (av.data()[e] - out.value * v.data()[e]);
+  out.residual = std::sqrt(sum);
+  out.vector = v;
+  out.products = op.products() - products_before;
+  return out;
+}
+
+}  // namespace hesse
