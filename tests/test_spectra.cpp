@@ -586,14 +586,10 @@ BOOST_AUTO_TEST_CASE(estimator_options) {
   const LinearOperator op = matrix_operator(with_spectrum(linspace(0, 1, 6)));
   HESSE_CHECK_THROWS(hutchinson_trace(op, estimator(1)), hesse::ValueError,
                      "hutchinson_trace: needs probes >= 2, got probes = 1");
-  HESSE_CHECK_THROWS(hutchinson_trace(op, estimator(10, 0, 0)), hesse::ValueError,
-                     "hutchinson_trace: block_size must be positive");
   HESSE_CHECK_THROWS(hutchpp_trace(op, estimator(2)), hesse::ValueError,
                      "hutchpp_trace: needs probes >= 3, got probes = 2");
-  HESSE_CHECK_THROWS(hutchpp_trace(op, estimator(9, 0, 0)), hesse::ValueError, "hutchpp_trace: block_size");
   HESSE_CHECK_THROWS(hutchinson_diagonal(op, estimator(1)), hesse::ValueError,
                      "hutchinson_diagonal: needs probes >= 2, got probes = 1");
-  HESSE_CHECK_THROWS(hutchinson_diagonal(op, estimator(5, 0, 0)), hesse::ValueError, "hutchinson_diagonal: block_size");
   HESSE_CHECK_THROWS(exact_diagonal(op, 0), hesse::ValueError, "exact_diagonal: block must be positive");
   HESSE_CHECK_THROWS(hutchinson_trace(LinearOperator(), estimator(10)), hesse::ValueError,
                      "hutchinson_trace: the operator is undefined");
@@ -603,6 +599,15 @@ BOOST_AUTO_TEST_CASE(estimator_options) {
                      "hutchinson_diagonal: the operator is undefined");
   HESSE_CHECK_THROWS(exact_diagonal(LinearOperator()), hesse::ValueError, "exact_diagonal: the operator is undefined");
   BOOST_CHECK_EQUAL(op.products(), 0u);
+}
+
+BOOST_AUTO_TEST_CASE(block_size_zero_chooses_the_block) {
+  // n = 6: blocks of 16 probes, so the same probes as block_size 16
+  const LinearOperator op = matrix_operator(with_spectrum(linspace(0, 1, 6)));
+  BOOST_CHECK_EQUAL(hutchinson_trace(op, estimator(10, 0, 0)).value, hutchinson_trace(op, estimator(10, 0, 16)).value);
+  BOOST_CHECK_EQUAL(hutchpp_trace(op, estimator(9, 0, 0)).value, hutchpp_trace(op, estimator(9, 0, 16)).value);
+  HESSE_CHECK_CLOSE(hutchinson_diagonal(op, estimator(5, 0, 0)).value, hutchinson_diagonal(op, estimator(5, 0, 16)).value,
+                    0.0);
 }
 
 BOOST_AUTO_TEST_CASE(density_options_are_checked) {

@@ -173,8 +173,8 @@ PowerIteration power_iteration(const LinearOperator& op, std::size_t steps, std:
 struct EstimatorOptions {
   /// Random probe vectors (Rademacher); Hutch++ splits them in thirds.
   std::size_t probes = 100;
-  /// Probes per batched product.
-  std::size_t block_size = 16;
+  /// Probes per batched product; 0 chooses (up to 16 for small n, 1 for large n).
+  std::size_t block_size = 0;
   std::uint64_t seed = 0;
   bool progress = true;
 };

@@ -29,11 +29,16 @@ void check_operator(const char* fn, const LinearOperator& op) {
   if (op.size() == 0) throw ValueError(detail::message(fn, "the operator is undefined (size 0)"));
 }
 
-void check_options(const char* fn, const LinearOperator& op, const EstimatorOptions& o, std::size_t min_probes) {
+// The options with the probe block chosen when block_size is 0: batching pays
+// while a block of probes stays cache-sized (small models, where per-op costs
+// dominate); for large n each product is GEMM-bound per vector and a wide
+// block only adds memory traffic.
+EstimatorOptions checked(const char* fn, const LinearOperator& op, EstimatorOptions o, std::size_t min_probes) {
   check_operator(fn, op);
   if (o.probes < min_probes)
     throw ValueError(detail::message(fn, "needs probes >= ", min_probes, ", got probes = ", o.probes));
-  if (o.block_size == 0) throw ValueError(detail::message(fn, "block_size must be positive, got 0"));
+  if (o.block_size == 0) o.block_size = std::clamp<std::size_t>((std::size_t(1) << 18) / op.size(), 1, 16);
+  return o;
 }
 
 /// zᵀ y for every row of Z, Y [rows, n].
@@ -117,8 +122,8 @@ Tensor apply_in_blocks(const LinearOperator& op, const Tensor& m, std::size_t bl
 // traces
 // ============================================================================
 
-TraceEstimate hutchinson_trace(const LinearOperator& op, const EstimatorOptions& o) {
-  check_options("hutchinson_trace", op, o, 2);
+TraceEstimate hutchinson_trace(const LinearOperator& op, const EstimatorOptions& options) {
+  const EstimatorOptions o = checked("hutchinson_trace", op, options, 2);
   NoGradGuard no_grad;
   const std::size_t n = op.size(), products_before = op.products();
   Generator gen(o.seed);
@@ -138,8 +143,8 @@ TraceEstimate hutchinson_trace(const LinearOperator& op, const EstimatorOptions&
   return out;
 }
 
-TraceEstimate hutchpp_trace(const LinearOperator& op, const EstimatorOptions& o) {
-  check_options("hutchpp_trace", op, o, 3);
+TraceEstimate hutchpp_trace(const LinearOperator& op, const EstimatorOptions& options) {
+  const EstimatorOptions o = checked("hutchpp_trace", op, options, 3);
   NoGradGuard no_grad;
   const std::size_t n = op.size(), products_before = op.products();
   const std::size_t sketch = o.probes / 3, rest = o.probes - 2 * sketch;
@@ -185,8 +190,8 @@ TraceEstimate hutchpp_trace(const LinearOperator& op, const EstimatorOptions& o)
 // diagonals
 // ============================================================================
 
-DiagonalEstimate hutchinson_diagonal(const LinearOperator& op, const EstimatorOptions& o) {
-  check_options("hutchinson_diagonal", op, o, 2);
+DiagonalEstimate hutchinson_diagonal(const LinearOperator& op, const EstimatorOptions& options) {
+  const EstimatorOptions o = checked("hutchinson_diagonal", op, options, 2);
   NoGradGuard no_grad;
   const std::size_t n = op.size(), products_before = op.products();
   Generator gen(o.seed);

@@ -53,8 +53,10 @@ SymmetricEigen symmetric_eigen(const double* a, std::size_t m, std::size_t lda) 
 
 void fill_rademacher(Generator& gen, double* out, std::size_t count) {
   for (std::size_t i = 0; i < count; i += 64) {
-    std::uint64_t bits = gen.engine()();
-    for (std::size_t j = i; j < std::min(count, i + 64); ++j, bits >>= 1) out[j] = (bits & 1) ? 1.0 : -1.0;
+    const std::uint64_t bits = gen.engine()();
+    const std::size_t len = std::min<std::size_t>(64, count - i);
+    for (std::size_t j = 0; j < len; ++j)  // independent lanes: vectorises
+      out[i + j] = double(int((bits >> j) & 1) * 2 - 1);
   }
 }
 
@@ -110,7 +112,7 @@ void KrylovBasis::start_random() {
 }
 
 void KrylovBasis::step() {
-  const std::size_t b0 = m_, pj = next_;
+  const std::size_t b0 = m_, pj = next_, previous = last_start_;
   if (pj == 0) throw Error(message("lanczos", "internal: step() on a basis that cannot grow"));
   Tensor block = Tensor::empty({pj, n_});
   std::memcpy(block.mutable_data(), row(b0), pj * n_ * sizeof(double));
@@ -124,10 +126,23 @@ void KrylovBasis::step() {
   std::memcpy(w, product.data(), pj * n_ * sizeof(double));
   for (std::size_t a = 0; a < pj; ++a) anorm_ = std::max(anorm_, norm(w + a * n_, n_));
 
-  // Full reorthogonalisation, twice (Kahan–Parlett): the first pass also
-  // yields T_jj = V_j A V_jᵀ, the second removes what rounding left behind.
-  project_out(row(0), m_, n_, w, pj, coef_.data());
-  project_out(row(0), m_, n_, w, pj, coef2_.data());
+  // In exact arithmetic W only has components along V_j and V_{j-1} (the
+  // three-term recurrence): that pass is cheap and yields T_jj. Then one pass
+  // against the whole basis removes what rounding left behind (reading the
+  // basis is what costs at large n), and another only when that pass removed
+  // much of W (Daniel-Gragg-Kaufman-Stewart), so orthogonality holds to rounding.
+  std::fill(coef_.begin(), coef_.end(), 0.0);
+  std::fill(coef2_.begin(), coef2_.end(), 0.0);
+  project_out(row(previous), m_ - previous, n_, w, pj, coef_.data() + previous * pj);
+  for (int pass = 0; pass < 2; ++pass) {
+    double before = 0, after = 0;
+    for (std::size_t a = 0; a < pj; ++a) before = std::max(before, norm(w + a * n_, n_));
+    std::vector<double> c(m_ * pj);
+    project_out(row(0), m_, n_, w, pj, c.data());
+    for (std::size_t i = 0; i < c.size(); ++i) coef2_[i] += c[i];
+    for (std::size_t a = 0; a < pj; ++a) after = std::max(after, norm(w + a * n_, n_));
+    if (after > 0.5 * before) break;
+  }
   for (std::size_t a = 0; a < pj; ++a)
     for (std::size_t b = 0; b < pj; ++b) {
       const std::size_t ab = (b0 + a) * pj + b, ba = (b0 + b) * pj + a;
