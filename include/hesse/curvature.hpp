@@ -130,7 +130,8 @@ struct LanczosOptions {
   Which which = Which::largest;
   /// Vectors per block (block Lanczos); 1 is plain Lanczos.
   std::size_t block_size = 1;
-  /// Products at most (the Krylov basis holds this many vectors); 0 = min(n, max(20 k, 100)).
+  /// Products at most (the Krylov basis holds this many vectors: 8 n bytes each);
+  /// 0 = min(n, max(40 k, 200)).
   /// The k products that measure the residuals at the end come on top.
   std::size_t max_products = 0;
   /// Converged when ‖A v − λ v‖ ≤ tolerance · max |λ| for every wanted pair.

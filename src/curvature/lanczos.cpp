@@ -332,7 +332,7 @@ Eigenpairs lanczos(const LinearOperator& op, const LanczosOptions& o) {
   check_options(op, o);
   NoGradGuard no_grad;
   const std::size_t n = op.size(), k = o.k, products_before = op.products();
-  const std::size_t capacity = std::min(n, o.max_products ? o.max_products : std::max<std::size_t>(20 * k, 100));
+  const std::size_t capacity = std::min(n, o.max_products ? o.max_products : std::max<std::size_t>(40 * k, 200));
   const std::size_t block = std::min(o.block_size, capacity);
   const std::size_t check_every = std::max<std::size_t>(1, 5 / block);  // T's eigenproblem every ~5 products
 
