@@ -337,6 +337,21 @@ BOOST_AUTO_TEST_CASE(dataset_of_unequal_batches_is_the_hessian_of_the_whole) {
   }
 }
 
+BOOST_AUTO_TEST_CASE(a_data_loader_epoch_is_a_dataset) {
+  Generator gen(16);
+  auto net = tanh_net(gen);
+  const Tensor x = randn({10, 3}, gen), t = randn({10, 3}, gen);
+  nn::DataLoader loader(x, t, /*batch_size=*/4, /*shuffle=*/true, /*seed=*/3);  // batches of 4, 4, 2
+  const std::vector<Batch> data = batches_of(loader, 2);
+  BOOST_REQUIRE_EQUAL(data.size(), 3u);
+  BOOST_CHECK_EQUAL(data[2].inputs[0].shape()[0], 2u);
+  // the mean loss over the dataset does not depend on the order of the samples
+  CHECK_REL(to_dense(loss_hessian_operator(*net, nn::MSELoss(), data)), loss_hessian_matrix(*net, nn::MSELoss(), {x}, t),
+            1e-12);
+  CHECK_REL(to_dense(ggn_operator(*net, nn::MSELoss(), data)), to_dense(ggn_operator(*net, nn::MSELoss(), {x}, t)),
+            1e-12);
+}
+
 BOOST_AUTO_TEST_CASE(parameters_changed_after_building_are_seen) {
   Generator gen(7);
   auto net = softplus_net(gen);

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "hesse/hessian.hpp"
+#include "hesse/nn/data.hpp"
 #include "hesse/nn/module.hpp"
 #include "hesse/tensor.hpp"
 
@@ -60,11 +61,20 @@ Tensor to_dense(const LinearOperator& op, std::size_t block = 64);
 // Curvature operators of a model and a loss
 // ============================================================================
 
-/// One mini-batch of a dataset.
+// An operator holds the model by reference (it must outlive the operator),
+// and its batches and their recorded graphs by value. Each product checks the
+// parameters against the values the graphs were recorded at and records them
+// again when they changed (an optimiser step, Module::load), so a product
+// always sees the current parameters.
+
+/// One mini-batch of a dataset (a model may take several inputs).
 struct Batch {
   std::vector<Tensor> inputs;
   Tensor target;
 };
+
+/// The batches of one epoch of a DataLoader, in its order (x as the only input).
+std::vector<Batch> batches_of(const nn::DataLoader& loader, std::size_t epoch = 0);
 
 struct OperatorOptions {
   /// Parameters to differentiate by, by dotted name; empty = every trainable one.

@@ -365,6 +365,12 @@ LinearOperator make_operator(const char* api, const char* name, Kind kind, nn::M
 
 }  // namespace
 
+std::vector<Batch> batches_of(const nn::DataLoader& loader, std::size_t epoch) {
+  std::vector<Batch> out;
+  for (const nn::Batch& b : loader.batches(epoch)) out.push_back(Batch{{b.x}, b.y});
+  return out;
+}
+
 LinearOperator loss_hessian_operator(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
                                      const Tensor& target, const OperatorOptions& o) {
   return make_operator("loss_hessian_operator", "loss_hessian", Kind::hessian, model, criterion, Tensor(),
