@@ -195,6 +195,25 @@ BOOST_AUTO_TEST_CASE(top_and_bottom_of_a_diagonal_matrix) {
   check_lanczos(d, options(3, Which::smallest), {-3, -2, 0});
 }
 
+BOOST_AUTO_TEST_CASE(long_runs_past_a_converged_eigenvalue_make_no_ghosts) {
+  // An isolated eigenvalue converges in a few steps; without reorthogonalisation
+  // its copies ("ghosts") then reappear among the Ritz values. The partial
+  // reorthogonalisation must keep the basis semi-orthogonal over a long run
+  // that resolves the clustered rest, here 250 steps on n = 400.
+  std::vector<double> values = concat(linspace(0, 1, 397), {100, 50, 1.5});
+  Tensor d = zeros({400, 400});
+  for (std::size_t i = 0; i < 400; ++i) d.mutable_data()[i * 400 + i] = values[i];
+  LanczosOptions o = options(6, Which::largest);
+  o.tolerance = 1e-13;
+  o.max_products = 250;
+  const Eigenpairs e = lanczos(matrix_operator(d), o);
+  const double expected[] = {100, 50, 1.5, 1, 1 - 1.0 / 396, 1 - 2.0 / 396};
+  for (std::size_t i = 0; i < 6; ++i) BOOST_CHECK_SMALL(e.values.data()[i] - expected[i], 1e-8);
+  const Tensor gram = matmul(e.vectors, transpose(e.vectors, 0, 1));
+  HESSE_CHECK_CLOSE(gram, eye(6), 1e-8);
+  for (std::size_t i = 0; i < 6; ++i) BOOST_CHECK_SMALL(e.residuals.data()[i], 1e-7);
+}
+
 BOOST_AUTO_TEST_CASE(rotated_spectra_with_blocks_of_one_and_three) {
   const std::vector<double> values = concat(linspace(-1, 1, 114), {3, 2.5, 2, -4, -3.5, -2.9});
   const Tensor a = with_spectrum(values);

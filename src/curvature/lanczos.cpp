@@ -97,6 +97,9 @@ void KrylovBasis::start(const double* rows, std::size_t count) {
   broke_ = false;
   last_start_ = last_size_ = 0;
   segments_.assign(1, 0);
+  omega_.clear();  // no orthogonality history: the first steps reorthogonalise fully
+  omega_previous_.clear();
+  force_full_ = 0;
   std::fill(t_.begin(), t_.end(), 0.0);
   double scale = 0;
   for (std::size_t i = 0; i < count; ++i) scale = std::max(scale, norm(row(i), n_));
@@ -127,21 +130,31 @@ void KrylovBasis::step() {
   for (std::size_t a = 0; a < pj; ++a) anorm_ = std::max(anorm_, norm(w + a * n_, n_));
 
   // In exact arithmetic W only has components along V_j and V_{j-1} (the
-  // three-term recurrence): that pass is cheap and yields T_jj. Then one pass
-  // against the whole basis removes what rounding left behind (reading the
-  // basis is what costs at large n), and another only when that pass removed
-  // much of W (Daniel-Gragg-Kaufman-Stewart), so orthogonality holds to rounding.
+  // three-term recurrence): that pass is cheap and yields T_jj. What rounding
+  // leaves along the older vectors is removed by a pass against the whole
+  // basis (another when that pass removed much of W: Daniel-Gragg-Kaufman-
+  // Stewart). Reading the basis is what costs at large n, so with single
+  // vectors the pass is only made when Simon's recurrence says orthogonality
+  // is about to be lost (partial reorthogonalisation): semi-orthogonality,
+  // |v_i · v_j| ≤ √ε, keeps T's eigenvalues exact to rounding.
   std::fill(coef_.begin(), coef_.end(), 0.0);
   std::fill(coef2_.begin(), coef2_.end(), 0.0);
-  project_out(row(previous), m_ - previous, n_, w, pj, coef_.data() + previous * pj);
-  for (int pass = 0; pass < 2; ++pass) {
-    double before = 0, after = 0;
-    for (std::size_t a = 0; a < pj; ++a) before = std::max(before, norm(w + a * n_, n_));
-    std::vector<double> c(m_ * pj);
-    project_out(row(0), m_, n_, w, pj, c.data());
-    for (std::size_t i = 0; i < c.size(); ++i) coef2_[i] += c[i];
-    for (std::size_t a = 0; a < pj; ++a) after = std::max(after, norm(w + a * n_, n_));
-    if (after > 0.5 * before) break;
+  for (int pass = 0; pass < (pj == 1 ? 2 : 1); ++pass) {
+    std::vector<double> c((m_ - previous) * pj);
+    project_out(row(previous), m_ - previous, n_, w, pj, c.data());
+    for (std::size_t i = 0; i < c.size(); ++i) coef_[previous * pj + i] += c[i];
+  }
+  if (pj > 1 || needs_full_pass(b0, coef_[b0], norm(w, n_))) {
+    for (int pass = 0; pass < 2; ++pass) {
+      double before = 0, after = 0;
+      for (std::size_t a = 0; a < pj; ++a) before = std::max(before, norm(w + a * n_, n_));
+      std::vector<double> c(m_ * pj);
+      project_out(row(0), m_, n_, w, pj, c.data());
+      for (std::size_t i = 0; i < c.size(); ++i) coef2_[i] += c[i];
+      for (std::size_t a = 0; a < pj; ++a) after = std::max(after, norm(w + a * n_, n_));
+      if (after > 0.5 * before) break;
+    }
+    ++full_passes_;
   }
   for (std::size_t a = 0; a < pj; ++a)
     for (std::size_t b = 0; b < pj; ++b) {
@@ -161,12 +174,51 @@ void KrylovBasis::step() {
   broke_ = kept == 0;  // an invariant subspace: T splits here
   std::size_t rows = kept;
   if (restart_ && m_ < capacity_)
-    while (rows < pj && random_row(m_ + rows)) ++rows;
+    while (rows < pj && random_row(m_ + rows)) ++rows, force_full_ = 2;  // a fresh direction: no history
   if (broke_ && rows > 0) segments_.push_back(m_);
   next_ = std::min(rows, capacity_ - m_);
   for (std::size_t a = 0; a < pj; ++a)
     for (std::size_t b = 0; b < next_; ++b)
       t_[(b0 + a) * capacity_ + m_ + b] = t_[(m_ + b) * capacity_ + b0 + a] = l_[a * block_ + b];
+}
+
+bool KrylovBasis::needs_full_pass(std::size_t j, double alpha, double beta) {
+  // Simon's recurrence for ω_{j+1,k} ≈ v_{j+1} · v_k from ω_j and ω_{j-1};
+  // it is reset to rounding level by a full pass and by every (re)start.
+  const double eps = DBL_EPSILON, eps1 = std::sqrt(double(n_)) * eps, sqrt_eps = std::sqrt(eps);
+  std::vector<double> next(j + 2, eps1);
+  next[j + 1] = 1.0;
+  const bool fresh = omega_.size() != j + 1 || omega_previous_.size() != j;  // no history for this vector
+  if (force_full_ > 0 || fresh || !(beta > 0)) {
+    force_full_ = std::max(force_full_ - 1, 0);
+    if (fresh) {
+      omega_previous_.assign(j + 1, eps1);
+      omega_previous_[j] = 1.0;
+    } else {
+      omega_previous_ = omega_;
+    }
+    omega_ = next;
+    return true;
+  }
+  auto alpha_of = [&](std::size_t k) { return t_[k * capacity_ + k]; };
+  auto beta_of = [&](std::size_t k) { return k == j ? beta : t_[k * capacity_ + k + 1]; };
+  double worst = 0;
+  for (std::size_t k = 0; k < j; ++k) {
+    double t = beta_of(k) * omega_[k + 1] + (alpha_of(k) - alpha) * omega_[k] - beta_of(j - 1) * omega_previous_[k];
+    if (k > 0) t += beta_of(k - 1) * omega_[k - 1];
+    next[k] = (t + std::copysign(eps1 * (beta_of(k) + beta), t)) / beta;
+    worst = std::max(worst, std::abs(next[k]));
+  }
+  next[j] = eps1 * std::max(anorm_, beta) / beta;
+  omega_previous_ = omega_;
+  if (worst <= sqrt_eps) {
+    omega_ = next;
+    return false;
+  }
+  force_full_ = 1;  // the next vector inherits the loss: clean it too
+  omega_ = std::vector<double>(j + 2, eps1);
+  omega_[j + 1] = 1.0;
+  return true;
 }
 
 std::size_t KrylovBasis::orthonormalize_block(std::size_t count, double threshold) {

@@ -54,6 +54,8 @@ class KrylovBasis {
   std::size_t size() const { return m_; }
   /// Whether step() can run again (a next block exists and fits).
   bool can_grow() const { return next_ > 0; }
+  /// Steps that reorthogonalised against the whole basis.
+  std::size_t full_passes() const { return full_passes_; }
   /// The last step found an invariant subspace (its whole residual vanished).
   bool broke_down() const { return broke_; }
   /// First row of every decoupled diagonal block of T; the last one is growing.
@@ -75,6 +77,9 @@ class KrylovBasis {
   /// other; returns how many rows survive (compacted to the front), filling
   /// L_ (count × count) with the coefficients of the surviving rows.
   std::size_t orthonormalize_block(std::size_t count, double threshold);
+  /// Whether the residual of vector j (T_jj = alpha, norm beta after the local
+  /// pass) needs a pass against the whole basis (partial reorthogonalisation).
+  bool needs_full_pass(std::size_t j, double alpha, double beta);
   /// Writes a random unit vector orthogonal to rows [0, r) into row r;
   /// false when none exists (r = n).
   bool random_row(std::size_t r);
@@ -90,6 +95,9 @@ class KrylovBasis {
   std::vector<std::size_t> segments_;
   std::size_t m_ = 0, next_ = 0, last_start_ = 0, last_size_ = 0;
   double anorm_ = 0;          // largest ‖A v‖ seen: the scale for "vanished"
+  std::vector<double> omega_, omega_previous_;  // estimated v_j · v_k and v_{j-1} · v_k
+  int force_full_ = 0;        // full passes owed to the next vectors
+  std::size_t full_passes_ = 0;
   bool broke_ = false;
 };
 
