@@ -581,27 +581,10 @@ BOOST_AUTO_TEST_SUITE(finite_differences)
 
 namespace {
 
-struct Case {
-  std::string name;
-  Criterion criterion;
-  Tensor target;
-};
-
-std::vector<Case> loss_cases(Generator& gen, std::size_t N, std::size_t C) {
-  Tensor classes = zeros({N});
-  for (std::size_t i = 0; i < N; ++i) classes.mutable_data()[i] = double((i * 2 + 1) % C);
-  std::vector<Case> cases;
-  cases.push_back({"mse_mean", nn::MSELoss(), randn({N, C}, gen)});
-  cases.push_back({"mse_sum", nn::MSELoss(nn::Reduction::sum), randn({N, C}, gen)});
-  cases.push_back({"cross_entropy", nn::CrossEntropyLoss(), classes});
-  cases.push_back({"bce_with_logits", nn::BCEWithLogitsLoss(), rand({N, C}, gen)});
-  return cases;
-}
-
 void check_loss_hessians_against_fd(nn::Module& net, const Tensor& x, Generator& gen) {
   const std::size_t N = x.shape()[0];
   const std::size_t C = net(x).shape()[1];
-  for (const Case& c : loss_cases(gen, N, C)) {
+  for (const hesse::testing::LossCase& c : hesse::testing::loss_cases(gen, N, C)) {
     BOOST_TEST_CONTEXT("loss " << c.name) {
       const Tensor h = loss_hessian_matrix(net, c.criterion, {x}, c.target);
       const std::vector<Tensor> params = trainable(net);

@@ -98,22 +98,6 @@ std::shared_ptr<nn::Module> softplus_net(Generator& gen) {
   return nn::mlp({3, 4, 3}, nn::Activation::Kind::softplus, gen);
 }
 
-struct Case {
-  std::string name;
-  Criterion criterion;
-  Tensor target;
-};
-
-/// The four losses of the suite on N samples of C outputs.
-std::vector<Case> loss_cases(Generator& gen, std::size_t N, std::size_t C) {
-  Tensor classes = zeros({N});
-  for (std::size_t i = 0; i < N; ++i) classes.mutable_data()[i] = double((i * 2 + 1) % C);
-  return {{"mse_mean", nn::MSELoss(), randn({N, C}, gen)},
-          {"mse_sum", nn::MSELoss(nn::Reduction::sum), randn({N, C}, gen)},
-          {"cross_entropy", nn::CrossEntropyLoss(), classes},
-          {"bce_with_logits", nn::BCEWithLogitsLoss(), rand({N, C}, gen)}};
-}
-
 OperatorOptions with_params(std::vector<std::string> names) {
   OperatorOptions o;
   o.params = std::move(names);
@@ -228,7 +212,7 @@ BOOST_AUTO_TEST_CASE(equals_the_dense_loss_hessian_for_every_loss) {
   Generator gen(1);
   for (auto net : {tanh_net(gen), softplus_net(gen)}) {
     const Tensor x = randn({5, 3}, gen);
-    for (const Case& c : loss_cases(gen, 5, 3)) {
+    for (const hesse::testing::LossCase& c : hesse::testing::loss_cases(gen, 5, 3)) {
       BOOST_TEST_CONTEXT("loss " << c.name) {
         const Tensor H = loss_hessian_matrix(*net, c.criterion, {x}, c.target);
         const LinearOperator op = loss_hessian_operator(*net, c.criterion, {x}, c.target);
@@ -458,7 +442,7 @@ BOOST_AUTO_TEST_CASE(mlp_ggn_equals_explicit_jt_hz_j) {
   Generator gen(21);
   for (auto net : {tanh_net(gen), softplus_net(gen)}) {
     const Tensor x = randn({4, 3}, gen);
-    for (const Case& c : loss_cases(gen, 4, 3)) {
+    for (const hesse::testing::LossCase& c : hesse::testing::loss_cases(gen, 4, 3)) {
       BOOST_TEST_CONTEXT("loss " << c.name) {
         const Tensor expect = explicit_ggn(*net, c.criterion, x, c.target);
         const Tensor G = to_dense(ggn_operator(*net, c.criterion, {x}, c.target));
@@ -526,7 +510,7 @@ BOOST_AUTO_TEST_CASE(equals_the_mean_outer_product_of_per_sample_gradients) {
   Generator gen(30);
   for (auto net : {tanh_net(gen), softplus_net(gen)}) {
     const Tensor x = randn({5, 3}, gen);
-    for (const Case& c : loss_cases(gen, 5, 3)) {
+    for (const hesse::testing::LossCase& c : hesse::testing::loss_cases(gen, 5, 3)) {
       BOOST_TEST_CONTEXT("loss " << c.name) {
         const Tensor sum_outer = per_sample_outer_sum(*net, c.criterion, x, c.target);
         const Tensor F = to_dense(empirical_fisher_operator(*net, c.criterion, {x}, c.target));

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <boost/test/unit_test.hpp>
 
@@ -37,5 +38,23 @@ inline double max_abs_diff(const Tensor& a, const Tensor& b) {
     if (!ok) BOOST_TEST_MESSAGE("message was: " << what);                                      \
     return ok;                                                                                 \
   })
+
+/// A loss with a target for it.
+struct LossCase {
+  std::string name;
+  Criterion criterion;
+  Tensor target;
+};
+
+/// The losses the suites run every check under, on N samples of C outputs:
+/// MSE (mean, sum), cross-entropy with class indices, BCE with logits.
+inline std::vector<LossCase> loss_cases(Generator& gen, std::size_t N, std::size_t C) {
+  Tensor classes = zeros({N});
+  for (std::size_t i = 0; i < N; ++i) classes.mutable_data()[i] = double((i * 2 + 1) % C);
+  return {{"mse_mean", nn::MSELoss(), randn({N, C}, gen)},
+          {"mse_sum", nn::MSELoss(nn::Reduction::sum), randn({N, C}, gen)},
+          {"cross_entropy", nn::CrossEntropyLoss(), classes},
+          {"bce_with_logits", nn::BCEWithLogitsLoss(), rand({N, C}, gen)}};
+}
 
 }  // namespace hesse::testing
