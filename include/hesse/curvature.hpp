@@ -346,6 +346,8 @@ enum class Storage { dense, diagonal_only, packed, block_sparse };
 /// What a Hessian request will cost, before it runs.
 struct HessianPlan {
   std::string request;            ///< e.g. "loss_hessian_matrix (dense)"
+  Storage storage = Storage::dense;
+  bool diagonal_only = false;     ///< only the (P, P) blocks are computed
   std::size_t n = 0;              ///< selected parameters
   std::size_t matrices = 0;       ///< Hessians in the result (output entries)
   std::size_t result_bytes = 0;   ///< the result itself

@@ -52,6 +52,8 @@ HessianPlan plan(const char* api, const char* kind, const Selection& sel, const 
   o.diagonal_only = o.diagonal_only || storage == hesse::Storage::diagonal_only;
   HessianPlan plan;
   plan.request = request_name(api, kind, storage, o.diagonal_only);
+  plan.storage = storage;
+  plan.diagonal_only = o.diagonal_only;
   const std::size_t P = sel.params.size();
   std::vector<bool> blocks(P * P, true);  // the blocks the request computes
   if (storage == hesse::Storage::block_sparse)
@@ -140,7 +142,7 @@ void HessianPlan::require() const {
 HessianOptions HessianPlan::options(HessianOptions base) const {
   base.chunk_size = chunk_size;
   base.max_bytes = budget;
-  base.diagonal_only = request.find("diagonal_only") != std::string::npos;
+  base.diagonal_only = diagonal_only;
   return base;
 }
 
