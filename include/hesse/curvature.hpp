@@ -144,6 +144,12 @@ struct LanczosOptions {
   /// 0 = min(n, max(40 k, 200)).
   /// The k products that measure the residuals at the end come on top.
   std::size_t max_products = 0;
+  /// Reorthogonalise every new vector against the whole basis. By default,
+  /// with block_size 1, that pass is made only when Simon's recurrence says
+  /// orthogonality is about to be lost (partial reorthogonalisation: the same
+  /// eigenvalues to rounding, far less memory traffic at large n); blocks
+  /// larger than 1 are always reorthogonalised fully.
+  bool full_reorthogonalization = false;
   /// Converged when ‖A v − λ v‖ ≤ tolerance · max |λ| for every wanted pair.
   double tolerance = 1e-10;
   std::uint64_t seed = 0;

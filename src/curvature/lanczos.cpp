@@ -82,8 +82,9 @@ double norm(const double* x, std::size_t n) { return cblas_dnrm2(int(n), x, 1); 
 }  // namespace
 
 KrylovBasis::KrylovBasis(const LinearOperator& op, std::size_t capacity, std::size_t block_size, Generator& gen,
-                         bool restart)
+                         bool restart, bool always_full)
     : op_(op), n_(op.size()), capacity_(capacity), block_(block_size), gen_(gen), restart_(restart),
+      always_full_(always_full),
       v_(Tensor::empty({capacity + block_size, op.size()})),
       t_(capacity * capacity),
       l_(block_size * block_size),
@@ -144,7 +145,7 @@ void KrylovBasis::step() {
     project_out(row(previous), m_ - previous, n_, w, pj, c.data());
     for (std::size_t i = 0; i < c.size(); ++i) coef_[previous * pj + i] += c[i];
   }
-  if (pj > 1 || needs_full_pass(b0, coef_[b0], norm(w, n_))) {
+  if (pj > 1 || needs_full_pass(b0, coef_[b0], norm(w, n_)) || always_full_) {
     for (int pass = 0; pass < 2; ++pass) {
       double before = 0, after = 0;
       for (std::size_t a = 0; a < pj; ++a) before = std::max(before, norm(w + a * n_, n_));
@@ -389,7 +390,7 @@ Eigenpairs lanczos(const LinearOperator& op, const LanczosOptions& o) {
   const std::size_t check_every = std::max<std::size_t>(1, 5 / block);  // T's eigenproblem every ~5 products
 
   Generator gen(o.seed);
-  KrylovBasis basis(op, capacity, block, gen, /*restart=*/true);
+  KrylovBasis basis(op, capacity, block, gen, /*restart=*/true, o.full_reorthogonalization);
   basis.start_random();
   detail::Progress progress("lanczos", capacity, o.progress);
   std::vector<Segment> segments;

@@ -38,9 +38,10 @@ void fill_rademacher(Generator& gen, double* out, std::size_t count);
 /// subspace and T splits into decoupled diagonal blocks ("segments").
 class KrylovBasis {
  public:
-  /// At most `capacity` (≤ n) vectors, blocks of at most `block_size` rows.
+  /// At most `capacity` (≤ n) vectors, blocks of at most `block_size` rows;
+  /// `always_full`: reorthogonalise against the whole basis at every step.
   KrylovBasis(const LinearOperator& op, std::size_t capacity, std::size_t block_size, Generator& gen,
-              bool restart);
+              bool restart, bool always_full = false);
 
   /// Starts over from `count` rows [count, n] (orthonormalised here).
   void start(const double* rows, std::size_t count);
@@ -87,7 +88,7 @@ class KrylovBasis {
   LinearOperator op_;
   std::size_t n_, capacity_, block_;
   Generator& gen_;
-  bool restart_;
+  bool restart_, always_full_;
   Tensor v_;                  // [capacity + block, n]: basis, then the block being formed
   std::vector<double> t_;     // [capacity, capacity], row-major
   std::vector<double> l_;     // [block, block]: L of the last block (row a: block row, column b: next row)
