@@ -66,10 +66,13 @@ HessianDict empty_dict(const Selection& sel, const Shape& lead, bool diagonal_on
 }
 
 // One Hessian per entry of the model's output. With is_batch, sample b is run
-// alone (batch of one) and its entries fill row b of the result.
-template <class MakeResult, class SinkFor>
+// alone (batch of one) and its entries fill row b of the result. prepare and
+// finish(first entry, count) run just before and after each sample's rows, so
+// that a result can be cleared and completed while that part is in cache.
+template <class MakeResult, class SinkFor, class Prepare, class Finish>
 void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const Selection& sel,
-                    const HessianOptions& o, MakeResult make_result, SinkFor sink_for) {
+                    const HessianOptions& o, MakeResult make_result, SinkFor sink_for, Prepare prepare,
+                    Finish finish) {
   const std::size_t batches = o.is_batch ? batch_size(api, inputs) : 1;
   Shape out_shape;
   std::size_t per_sample = 0;
@@ -88,7 +91,9 @@ void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor
       check_memory(api, sel, numel_of(out_shape), o);
       make_result(out_shape);
     }
+    prepare(b * per_sample, per_sample);
     hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(b * per_sample + first); });
+    finish(b * per_sample, per_sample);
   }
 }
 
@@ -124,7 +129,8 @@ HessianDict model_hessian_dict(nn::Module& model, const std::vector<Tensor>& inp
   model_hessians(
       "model_hessian_dict", model, inputs, sel, o,
       [&](const Shape& out_shape) { d = empty_dict(sel, out_shape, o.diagonal_only); },
-      [&](std::size_t entry) { return dict_sink(d, entry, sel); });
+      [&](std::size_t entry) { return dict_sink(d, entry, sel); }, [](std::size_t, std::size_t) {},
+      [](std::size_t, std::size_t) {});
   return d;
 }
 
@@ -132,10 +138,35 @@ Tensor model_hessian_matrix(nn::Module& model, const std::vector<Tensor>& inputs
   const Selection sel = select("model_hessian_matrix", model, o);
   RequestScope scope(model, sel);
   Tensor h;
+  const std::size_t n = sel.n;
+  // Each sample's matrices are cleared just before its rows arrive and their
+  // lower blocks are copied from the upper ones right after: the result is
+  // far larger than the cache, and zeroing it all first, then writing
+  // columns of mirrored blocks across it, missed the cache on every row.
   model_hessians(
       "model_hessian_matrix", model, inputs, sel, o,
-      [&](const Shape& out_shape) { h = zeros(detail::concat_shape(out_shape, {sel.n, sel.n})); },
-      [&](std::size_t entry) { return matrix_sink(h, entry, sel); });
+      [&](const Shape& out_shape) { h = Tensor::empty(detail::concat_shape(out_shape, {n, n})); },
+      [&](std::size_t entry) -> RowSink {
+        RowSink upper = matrix_sink(h, entry, sel);
+        return [upper](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values,
+                       bool mirrored) {
+          if (!mirrored) upper(e, p, row, q, values, false);  // finish writes the mirrored blocks
+        };
+      },
+      [&](std::size_t first, std::size_t count) {
+        std::fill_n(h.mutable_data() + first * n * n, count * n * n, 0.0);
+      },
+      [&](std::size_t first, std::size_t count) {
+        if (o.diagonal_only) return;
+        for (std::size_t e = first; e < first + count; ++e) {
+          double* m = h.mutable_data() + e * n * n;
+          for (std::size_t p = 0; p < sel.params.size(); ++p)
+            for (std::size_t q = p + 1; q < sel.params.size(); ++q)  // block (q, p) = block (p, q)ᵀ
+              for (std::size_t r = 0; r < sel.sizes[p]; ++r)
+                for (std::size_t c = 0; c < sel.sizes[q]; ++c)
+                  m[(sel.offsets[q] + c) * n + sel.offsets[p] + r] = m[(sel.offsets[p] + r) * n + sel.offsets[q] + c];
+        }
+      });
   return h;
 }
 
