@@ -46,6 +46,8 @@ MatmulDims matmul_dims(const Tensor& a, const Tensor& b, bool ta, bool tb) {
 
 Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb);
 
+constexpr std::size_t kSmallGemm = 512;  // m·n·k up to which a plain loop beats BLAS
+
 // Tiny products (per-sample Hessians are full of them) cost more in BLAS's
 // call and packing overhead than in arithmetic: a plain loop does them.
 // Each c[i][j] sums its k products in order from 0.0, whichever loop order.
@@ -108,7 +110,7 @@ void gemv_axpy(const double* mat, std::size_t rows, std::size_t cols, const doub
 // (flops are counted once per product, in matmul_kernel: an atomic add per
 // tiny GEMM of a batch costs more than the GEMM)
 void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
-  if (d.m * d.n * d.k <= 512) return small_gemm(ta, tb, d, a, b, c);
+  if (d.m * d.n * d.k <= kSmallGemm) return small_gemm(ta, tb, d, a, b, c);
   // a product with one row or one column is a matrix-vector product: dgemm
   // packs whole panels for it, and OpenBLAS's dgemv starts threads even for
   // small ones (ruinous on a loaded 2-core machine): plain loops do it
@@ -180,6 +182,20 @@ void matmul_shared_a(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
       std::copy(tmp + (r * batches + i) * n, tmp + (r * batches + i + 1) * n, c + (i * m + r) * n);
 }
 
+// C[i] = op(A[i]) op(B[i]) over the broadcast batch, each by small_gemm.
+template <bool TA, bool TB>
+void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, Tensor& out) {
+  const std::size_t a_mat = d.m * d.k, b_mat = d.k * d.n, c_mat = d.m * d.n;
+  const double* pa = a.data();
+  const double* pb = b.data();
+  double* pc = out.mutable_data();
+  detail::for_each_broadcast(d.batch, detail::broadcast_strides(lead(a.shape()), d.batch),
+                             detail::broadcast_strides(lead(b.shape()), d.batch),
+                             [&](std::size_t io, std::size_t ia, std::size_t ib) {
+                               small_gemm<TA, TB>(d, pa + ia * a_mat, pb + ib * b_mat, pc + io * c_mat);
+                             });
+}
+
 Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulDims& d) {
   Tensor out = make(detail::concat_shape(d.batch, {d.m, d.n}));
   if (out.numel() == 0) return out;
@@ -196,6 +212,13 @@ Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
       return out;
     }
     gemm(ta, tb, folded, a.data(), b.data(), out.mutable_data());
+    return out;
+  }
+  // a batch of tiny products (per-sample Hessians are full of them): folding
+  // costs more in temporaries and copies than the products; loop instead
+  if (d.m * d.n * d.k * batches <= 8 * kSmallGemm && !d.batch.empty()) {
+    if (ta) tb ? tiny_batch<true, true>(a, b, d, out) : tiny_batch<true, false>(a, b, d, out);
+    else tb ? tiny_batch<false, true>(a, b, d, out) : tiny_batch<false, false>(a, b, d, out);
     return out;
   }
   if (!a_batched && b_batched && numel_of(lead(b.shape())) == batches) {
