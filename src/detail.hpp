@@ -25,6 +25,7 @@ inline Tensor with_shape(const Tensor& t, const Shape& shape) {
   impl->shape = shape;
   impl->numel = t.numel();
   impl->storage = t.impl()->storage;
+  impl->offset = t.impl()->offset;
   return Tensor(std::move(impl));
 }
 

@@ -43,6 +43,7 @@ class Node : public std::enable_shared_from_this<Node> {
   std::vector<Edge> edges;
   BackwardRule rule;
   std::shared_ptr<detail::Storage> saved_output;  // kept only when the rule reads it
+  std::size_t saved_offset = 0;                   // where the output starts in saved_output
   bool save_output = false;
   bool released = false;  // the rule was freed by a backward without retain_graph
   // engine scratch, valid during one backward pass

@@ -45,6 +45,7 @@ struct TensorImpl {
   Shape shape;
   std::size_t numel = 0;
   std::shared_ptr<Storage> storage;
+  std::size_t offset = 0;  // where the values start in storage (contiguous slices share it)
   bool requires_grad = false;
   std::shared_ptr<Node> grad_fn;      // the op that made this tensor; null for leaves
   std::shared_ptr<TensorImpl> grad;   // what backward() accumulated into a leaf

@@ -117,7 +117,10 @@ Tensor record(const char* name, Tensor result, const std::vector<Tensor>& inputs
   }
   node->rule = std::move(rule);
   node->save_output = save_output;
-  if (save_output) node->saved_output = result.impl()->storage;
+  if (save_output) {
+    node->saved_output = result.impl()->storage;
+    node->saved_offset = result.impl()->offset;
+  }
   result.impl()->grad_fn = std::move(node);
   result.impl()->requires_grad = true;
   return result;
@@ -295,6 +298,7 @@ class Pass {
     impl->shape = n->output_shape;
     impl->numel = numel_of(n->output_shape);
     impl->storage = n->saved_output;
+    impl->offset = n->saved_offset;
     impl->requires_grad = true;
     impl->grad_fn = n->shared_from_this();  // so that create_graph differentiates through it
     return Tensor(std::move(impl));

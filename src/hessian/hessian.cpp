@@ -92,7 +92,8 @@ HessianDict model_hessian_dict(nn::Module& model, const std::vector<Tensor>& inp
   model_hessians(
       "model_hessian_dict", model, inputs, sel, o,
       [&](const Shape& out_shape) { d = empty_dict(sel, out_shape, o.diagonal_only); },
-      [&](std::size_t entry) { return dict_sink(d, entry, sel); });
+      [&](std::size_t entry) { return dict_sink(d, entry, sel); }, [](std::size_t, std::size_t) {},
+      [](std::size_t, std::size_t) {});
   return d;
 }
 
@@ -100,10 +101,35 @@ Tensor model_hessian_matrix(nn::Module& model, const std::vector<Tensor>& inputs
   const Selection sel = select("model_hessian_matrix", model, o);
   RequestScope scope(model, sel);
   Tensor h;
+  const std::size_t n = sel.n;
+  // Each sample's matrices are cleared just before its rows arrive and their
+  // lower blocks are copied from the upper ones right after: the result is
+  // far larger than the cache, and zeroing it all first, then writing
+  // columns of mirrored blocks across it, missed the cache on every row.
   model_hessians(
       "model_hessian_matrix", model, inputs, sel, o,
-      [&](const Shape& out_shape) { h = zeros(detail::concat_shape(out_shape, {sel.n, sel.n})); },
-      [&](std::size_t entry) { return matrix_sink(h, entry, sel); });
+      [&](const Shape& out_shape) { h = Tensor::empty(detail::concat_shape(out_shape, {n, n})); },
+      [&](std::size_t entry) -> RowSink {
+        RowSink upper = matrix_sink(h, entry, sel);
+        return [upper](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values,
+                       bool mirrored) {
+          if (!mirrored) upper(e, p, row, q, values, false);  // finish writes the mirrored blocks
+        };
+      },
+      [&](std::size_t first, std::size_t count) {
+        std::fill_n(h.mutable_data() + first * n * n, count * n * n, 0.0);
+      },
+      [&](std::size_t first, std::size_t count) {
+        if (o.diagonal_only) return;
+        for (std::size_t e = first; e < first + count; ++e) {
+          double* m = h.mutable_data() + e * n * n;
+          for (std::size_t p = 0; p < sel.params.size(); ++p)
+            for (std::size_t q = p + 1; q < sel.params.size(); ++q)  // block (q, p) = block (p, q)ᵀ
+              for (std::size_t r = 0; r < sel.sizes[p]; ++r)
+                for (std::size_t c = 0; c < sel.sizes[q]; ++c)
+                  m[(sel.offsets[q] + c) * n + sel.offsets[p] + r] = m[(sel.offsets[p] + r) * n + sel.offsets[q] + c];
+        }
+      });
   return h;
 }
 

@@ -160,50 +160,33 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
     }
     return;
   }
-  // full rows: chunks of (entry, global row) pairs; each chunk seeds the g[p]
-  // whose rows it touches, and one backward pass gives the blocks (p, q >= p)
-  // of those rows: by symmetry the rest are their transposes, and the pass
-  // never needs to reach the parameters before p on the tape
-  const std::size_t total = count * sel.n, k_max = chunk_of(o, total, per_seed);
-  for (std::size_t t0 = 0; t0 < total; t0 += k_max) {
-    const std::size_t k = std::min(k_max, total - t0);
-    std::vector<Tensor> outputs, seeds;
-    std::vector<std::pair<std::size_t, std::size_t>> where(k);  // (p, row in p) of each seed
-    for (std::size_t i = 0; i < k; ++i) {
-      const std::size_t r = (t0 + i) % sel.n;
-      const std::size_t p = sel.param_of(r);
-      where[i] = {p, r - sel.offsets[p]};
-    }
-    // the parameters this chunk's rows need derivatives by: q >= p, wanted
-    std::vector<bool> needed(P, false);
-    for (const auto& w : where)
-      for (std::size_t q = w.first; q < P; ++q) needed[q] = needed[q] || wanted(w.first, q);
-    for (std::size_t p = 0; p < P; ++p) {
-      if (!live(p)) continue;
-      std::vector<std::pair<std::size_t, std::size_t>> picks(k, {0, SIZE_MAX});
-      bool touched = false;
-      for (std::size_t i = 0; i < k; ++i)
-        if (where[i].first == p) picks[i] = {(t0 + i) / sel.n, where[i].second}, touched = true;
-      if (!touched) continue;
-      outputs.push_back(g[p]);
-      seeds.push_back(seeds_for(p, k, picks));
-    }
+  // full rows, one parameter p at a time: chunks of (entry, row of p) pairs
+  // seed g[p] alone, and one backward pass gives the blocks (p, q >= p) of
+  // those rows: by symmetry the rest are their transposes. Seeding one g[p]
+  // per pass keeps seeds free of all-zero rows for the other parameters, and
+  // the pass never reaches the parts of the tape that only lead to q < p.
+  for (std::size_t p = 0; p < P; ++p) {
+    if (!live(p)) continue;  // rows of parameters that enter linearly: zero
     std::vector<std::size_t> wrt_index;
     std::vector<Tensor> wrt;
-    for (std::size_t q = 0; q < P; ++q)
-      if (needed[q]) wrt_index.push_back(q), wrt.push_back(sel.params[q]);
-    if (outputs.empty() || wrt.empty()) continue;  // rows of parameters that enter linearly: zero
-    const std::vector<Tensor> rows = grad(outputs, wrt, seeds, second_level);
-    for (std::size_t j = 0; j < wrt.size(); ++j) {
-      const std::size_t q = wrt_index[j];
-      const Tensor& block_rows = rows[j];
-      if (!block_rows.defined()) continue;
-      for (std::size_t i = 0; i < k; ++i) {
-        const auto [p, row] = where[i];
-        if (q < p || !wanted(p, q)) continue;  // q < p comes from the mirror of block (q, p)
-        const double* values = block_rows.data() + i * sel.sizes[q];
-        sink((t0 + i) / sel.n, p, row, q, values, false);
-        if (q > p) sink((t0 + i) / sel.n, p, row, q, values, true);
+    for (std::size_t q = p; q < P; ++q)
+      if (wanted(p, q)) wrt_index.push_back(q), wrt.push_back(sel.params[q]);
+    if (wrt.empty()) continue;
+    const std::size_t total = count * sel.sizes[p], k_max = chunk_of(o, total, per_seed);
+    for (std::size_t t0 = 0; t0 < total; t0 += k_max) {
+      const std::size_t k = std::min(k_max, total - t0);
+      std::vector<std::pair<std::size_t, std::size_t>> picks(k);  // (entry, row of p) of each seed
+      for (std::size_t i = 0; i < k; ++i) picks[i] = {(t0 + i) / sel.sizes[p], (t0 + i) % sel.sizes[p]};
+      const std::vector<Tensor> rows = grad({g[p]}, wrt, {seeds_for(p, k, picks)}, second_level);
+      for (std::size_t j = 0; j < wrt.size(); ++j) {
+        const std::size_t q = wrt_index[j];
+        const Tensor& block_rows = rows[j];
+        if (!block_rows.defined()) continue;
+        const double* values = block_rows.data();
+        for (std::size_t i = 0; i < k; ++i) {
+          sink(picks[i].first, p, picks[i].second, q, values + i * sel.sizes[q], false);
+          if (q > p) sink(picks[i].first, p, picks[i].second, q, values + i * sel.sizes[q], true);
+        }
       }
     }
   }

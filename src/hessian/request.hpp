@@ -107,17 +107,22 @@ Outputs loss_outputs(const char* api, nn::Module& model, const Criterion& criter
 Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o);
 
 // One Hessian per entry of the model's output. With is_batch, sample b is run
-// alone (batch of one) and its entries fill row b of the result.
-template <class MakeResult, class SinkFor>
+// alone (batch of one) and its entries fill row b of the result. prepare and
+// finish(first entry, count) run just before and after each output's rows, so
+// that a result can be cleared and completed while that part is in cache.
+template <class MakeResult, class SinkFor, class Prepare, class Finish>
 void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const Selection& sel,
-                    const HessianOptions& o, MakeResult make_result, SinkFor sink_for) {
+                    const HessianOptions& o, MakeResult make_result, SinkFor sink_for, Prepare prepare,
+                    Finish finish) {
   model_outputs(api, model, inputs, o)(
       [&](const Shape& lead) {
         check_memory(api, sel, numel_of(lead), o);
         make_result(lead);
       },
       [&](const Tensor& y, std::size_t base) {
+        prepare(base, y.numel());
         hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(base + first); });
+        finish(base, y.numel());
         return true;
       });
 }

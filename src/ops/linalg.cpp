@@ -46,17 +46,32 @@ MatmulDims matmul_dims(const Tensor& a, const Tensor& b, bool ta, bool tb) {
 
 Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb);
 
+constexpr std::size_t kSmallGemm = 512;  // m·n·k up to which a plain loop beats BLAS
+
 // Tiny products (per-sample Hessians are full of them) cost more in BLAS's
 // call and packing overhead than in arithmetic: a plain loop does them.
+// Each c[i][j] sums its k products in order from 0.0, whichever loop order.
 template <bool TA, bool TB>
 void small_gemm(const MatmulDims& d, const double* a, const double* b, double* c) {
   const std::size_t m = d.m, n = d.n, k = d.k;
-  for (std::size_t i = 0; i < m; ++i)
-    for (std::size_t j = 0; j < n; ++j) {
-      double acc = 0.0;
-      for (std::size_t p = 0; p < k; ++p) acc += (TA ? a[p * m + i] : a[i * k + p]) * (TB ? b[j * k + p] : b[p * n + j]);
-      c[i * n + j] = acc;
+  if (TB) {  // rows of B are contiguous in p: dot products
+    for (std::size_t i = 0; i < m; ++i)
+      for (std::size_t j = 0; j < n; ++j) {
+        double acc = 0.0;
+        for (std::size_t p = 0; p < k; ++p) acc += (TA ? a[p * m + i] : a[i * k + p]) * b[j * k + p];
+        c[i * n + j] = acc;
+      }
+    return;
+  }
+  for (std::size_t i = 0; i < m; ++i) {  // rows of B are contiguous in j: axpy order, vectorised
+    double* ci = c + i * n;
+    for (std::size_t j = 0; j < n; ++j) ci[j] = 0.0;
+    for (std::size_t p = 0; p < k; ++p) {
+      const double aip = TA ? a[p * m + i] : a[i * k + p];
+      const double* bp = b + p * n;
+      for (std::size_t j = 0; j < n; ++j) ci[j] += aip * bp[j];
     }
+  }
 }
 
 void small_gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
@@ -64,9 +79,51 @@ void small_gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const do
   else tb ? small_gemm<false, true>(d, a, b, c) : small_gemm<false, false>(d, a, b, c);
 }
 
+// y = M x for a row-major rows × cols matrix M: one dot product per row,
+// four partial sums for instruction-level parallelism.
+void gemv_dots(const double* mat, std::size_t rows, std::size_t cols, const double* x, double* y) {
+  for (std::size_t r = 0; r < rows; ++r) {
+    const double* row = mat + r * cols;
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    std::size_t c = 0;
+    for (; c + 4 <= cols; c += 4) {
+      s0 += row[c] * x[c];
+      s1 += row[c + 1] * x[c + 1];
+      s2 += row[c + 2] * x[c + 2];
+      s3 += row[c + 3] * x[c + 3];
+    }
+    for (; c < cols; ++c) s0 += row[c] * x[c];
+    y[r] = (s0 + s1) + (s2 + s3);
+  }
+}
+
+// y = Mᵀ x for a row-major rows × cols matrix M: rows added in turn (vectorised).
+void gemv_axpy(const double* mat, std::size_t rows, std::size_t cols, const double* x, double* y) {
+  for (std::size_t c = 0; c < cols; ++c) y[c] = 0.0;
+  for (std::size_t r = 0; r < rows; ++r) {
+    const double xr = x[r];
+    const double* row = mat + r * cols;
+    for (std::size_t c = 0; c < cols; ++c) y[c] += xr * row[c];
+  }
+}
+
+// (flops are counted once per product, in matmul_kernel: an atomic add per
+// tiny GEMM of a batch costs more than the GEMM)
 void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
-  flops += 2 * std::uint64_t(d.m) * d.n * d.k;
-  if (d.m * d.n * d.k <= 512) return small_gemm(ta, tb, d, a, b, c);
+  if (d.m * d.n * d.k <= kSmallGemm) return small_gemm(ta, tb, d, a, b, c);
+  // a product with one row or one column is a matrix-vector product: dgemm
+  // packs whole panels for it, and OpenBLAS's dgemv starts threads even for
+  // small ones (ruinous on a loaded 2-core machine): plain loops do it
+  if (d.n == 1) {  // c = op(A) b; b is a contiguous k-vector either way
+    if (ta) gemv_axpy(a, d.k, d.m, b, c);
+    else gemv_dots(a, d.m, d.k, b, c);
+    return;
+  }
+  if (d.m == 1) {  // cᵀ = op(B)ᵀ aᵀ; a is a contiguous k-vector either way
+    if (tb) gemv_dots(b, d.n, d.k, a, c);
+    else gemv_axpy(b, d.k, d.n, a, c);
+    return;
+  }
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(d.m), int(d.n),
               int(d.k), 1.0, a, ta ? int(d.m) : int(d.k), b, tb ? int(d.k) : int(d.n), 0.0, c, int(d.n));
 }
@@ -100,6 +157,10 @@ void transpose_each(const double* src, std::size_t batches, std::size_t rows, st
 void matmul_shared_a(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulDims& d, std::size_t batches,
                      double* c) {
   const std::size_t m = d.m, n = d.n, k = d.k;
+  if (tb && m == 1) {  // D[i] is a column: its transpose is the same memory
+    gemm(false, !ta, MatmulDims{batches * n, k, m, {}}, b.data(), a.data(), c);
+    return;
+  }
   Tensor tmp_t = Tensor::empty({batches * m * n});  // pooled: fresh memory is slow to fault in
   double* tmp = tmp_t.mutable_data();
   if (tb) {
@@ -121,11 +182,26 @@ void matmul_shared_a(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
       std::copy(tmp + (r * batches + i) * n, tmp + (r * batches + i + 1) * n, c + (i * m + r) * n);
 }
 
+// C[i] = op(A[i]) op(B[i]) over the broadcast batch, each by small_gemm.
+template <bool TA, bool TB>
+void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, Tensor& out) {
+  const std::size_t a_mat = d.m * d.k, b_mat = d.k * d.n, c_mat = d.m * d.n;
+  const double* pa = a.data();
+  const double* pb = b.data();
+  double* pc = out.mutable_data();
+  detail::for_each_broadcast(d.batch, detail::broadcast_strides(lead(a.shape()), d.batch),
+                             detail::broadcast_strides(lead(b.shape()), d.batch),
+                             [&](std::size_t io, std::size_t ia, std::size_t ib) {
+                               small_gemm<TA, TB>(d, pa + ia * a_mat, pb + ib * b_mat, pc + io * c_mat);
+                             });
+}
+
 Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulDims& d) {
   Tensor out = make(detail::concat_shape(d.batch, {d.m, d.n}));
   if (out.numel() == 0) return out;
   if (d.k == 0) return zeros(out.shape());
   const std::size_t batches = numel_of(d.batch);
+  flops.fetch_add(2 * std::uint64_t(d.m) * d.n * d.k * batches, std::memory_order_relaxed);
   const std::size_t a_mat = d.m * d.k, b_mat = d.k * d.n, c_mat = d.m * d.n;
   const bool a_batched = numel_of(lead(a.shape())) > 1, b_batched = numel_of(lead(b.shape())) > 1;
   if (!b_batched && !ta) {  // fold A's batch into M: one GEMM
@@ -136,6 +212,13 @@ Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
       return out;
     }
     gemm(ta, tb, folded, a.data(), b.data(), out.mutable_data());
+    return out;
+  }
+  // a batch of tiny products (per-sample Hessians are full of them): folding
+  // costs more in temporaries and copies than the products; loop instead
+  if (d.m * d.n * d.k * batches <= 8 * kSmallGemm && !d.batch.empty()) {
+    if (ta) tb ? tiny_batch<true, true>(a, b, d, out) : tiny_batch<true, false>(a, b, d, out);
+    else tb ? tiny_batch<false, true>(a, b, d, out) : tiny_batch<false, false>(a, b, d, out);
     return out;
   }
   if (!a_batched && b_batched && numel_of(lead(b.shape())) == batches) {

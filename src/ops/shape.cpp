@@ -48,6 +48,16 @@ Tensor select_positions(const char* op, const Tensor& x, int axis_from_end, Posi
   Shape shape = x.shape();
   const std::size_t m = pos.size();
   shape[ax] = m;
+  if (outer == 1 && pos.contiguous()) {  // one contiguous run: share x's storage, copy nothing
+    auto impl = std::make_shared<detail::TensorImpl>();
+    impl->shape = shape;
+    impl->numel = m * inner;
+    impl->storage = x.impl()->storage;
+    impl->offset = x.impl()->offset + pos.start * inner;
+    return record(op, Tensor(std::move(impl)), {x}, [axis_from_end, pos, n](const Tensor& g, const Tensor&, Needs) {
+      return std::vector<Tensor>{add_at_positions(g, axis_from_end, pos, n)};
+    });
+  }
   Tensor out = make(shape);
   const double* in = x.data();
   double* o = out.mutable_data();

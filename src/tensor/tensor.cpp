@@ -149,8 +149,14 @@ double Tensor::item() const {
   return data()[0];
 }
 
-const double* Tensor::data() const { return checked().storage->data; }
-double* Tensor::mutable_data() { return checked().storage->data; }
+const double* Tensor::data() const {
+  const auto& impl = checked();
+  return impl.storage->data + impl.offset;
+}
+double* Tensor::mutable_data() {
+  const auto& impl = checked();
+  return impl.storage->data + impl.offset;
+}
 
 bool Tensor::requires_grad() const { return checked().requires_grad; }
 
@@ -191,6 +197,7 @@ Tensor Tensor::detach() const {
   impl->shape = shape();
   impl->numel = numel();
   impl->storage = impl_->storage;
+  impl->offset = impl_->offset;
   return Tensor(std::move(impl));
 }
 
