@@ -14,7 +14,7 @@
 
 #include "../detail.hpp"
 #include "lanczos.hpp"
-#include "progress.hpp"
+#include "../progress.hpp"
 
 extern "C" void dgeqrf_(const int* m, const int* n, double* a, const int* lda, double* tau, double* work,
                         const int* lwork, int* info);

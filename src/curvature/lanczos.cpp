@@ -11,7 +11,7 @@
 #include <cblas.h>
 
 #include "../detail.hpp"
-#include "progress.hpp"
+#include "../progress.hpp"
 
 extern "C" void dsyevr_(const char* jobz, const char* range, const char* uplo, const int* n, double* a,
                         const int* lda, const double* vl, const double* vu, const int* il, const int* iu,

@@ -26,7 +26,7 @@
 
 #include "hesse/curvature.hpp"
 #include "../hessian/request.hpp"
-#include "progress.hpp"
+#include "../progress.hpp"
 
 namespace hesse {
 

@@ -3,6 +3,8 @@
 // one-hot seeds go through its graph as one batched backward pass each.
 #include "request.hpp"
 
+#include "../progress.hpp"
+
 #include <algorithm>
 #include <unordered_set>
 
@@ -144,6 +146,11 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
   const std::size_t P = sel.params.size();
   auto wanted = [&](std::size_t p, std::size_t q) { return !wanted_blocks || (*wanted_blocks)[p * P + q]; };
 
+  std::size_t total_rows = 0, rows_done = 0;
+  for (std::size_t p = 0; p < P; ++p) total_rows += live(p) ? count * sel.sizes[p] : 0;
+  Progress progress(count == 1 ? "Hessian rows" : "Hessian rows of " + std::to_string(count) + " outputs", total_rows,
+                    o.progress);
+
   if (o.diagonal_only) {  // (P, P) blocks only: seeds and derivatives stay within P
     for (std::size_t p = 0; p < P; ++p) {
       if (!live(p) || !wanted(p, p)) continue;
@@ -156,6 +163,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
         if (rows.defined())
           for (std::size_t i = 0; i < k; ++i)
             sink(picks[i].first, p, picks[i].second, p, rows.data() + i * sel.sizes[p], false);
+        progress.update(rows_done += k);
       }
     }
     return;
@@ -188,6 +196,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
           if (q > p) sink(picks[i].first, p, picks[i].second, q, values + i * sel.sizes[q], true);
         }
       }
+      progress.update(rows_done += k);
     }
   }
 }
