@@ -121,19 +121,8 @@ std::string run_workload(const std::string& name) {
 
 int main(int argc, char** argv) {
   std::vector<std::string> names = {"hvp_steps", "top5", "hutchinson_100", "density_50"};
-  std::vector<std::string> only;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--only") {
-      while (i + 1 < argc && argv[i + 1][0] != '-') only.push_back(argv[++i]);
-    } else if (a == "--reps-budget" && i + 1 < argc) {
-      bench::budget_s = std::atof(argv[++i]);
-    } else {
-      std::cerr << "usage: bench_curvature [--only name ...] [--reps-budget seconds]\n";
-      return 2;
-    }
-  }
-  if (!only.empty()) names = only;
+  names = bench::workloads_from_args(argc, argv, names, "bench_curvature");
+  if (names.empty()) return 2;
   std::cout << "{\"benchmark\": \"hesse_curvature\", \"workload\": \"hvp_large\", \"env\": " << bench::env_json()
             << ", \"results\": {";
   for (std::size_t i = 0; i < names.size(); ++i)

@@ -4,16 +4,9 @@
 //
 //   bench_hessian [--only name ...] [--reps-budget seconds]
 #include <cblas.h>
-#include <sys/resource.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <functional>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -24,48 +17,17 @@
 #include <hesse/profile.hpp>
 
 #include "../examples/mimo_model.hpp"
+#include "bench_util.hpp"
 
 using hesse::Tensor;
 namespace nn = hesse::nn;
 
 namespace {
 
-double budget_s = 5.0;
-
-double now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-struct Timing {
-  double median_s, min_s, warmup_s;
-  int reps;
-};
-
-// One warm-up call, then repetitions filling the time budget (like the anchor).
-Timing time_it(const std::function<void()>& fn) {
-  double t0 = now();
-  fn();
-  const double warm = now() - t0;
-  const int reps = warm > 8.0 ? 0 : warm < 2.0 ? std::max(3, std::min(200, int(budget_s / std::max(warm, 1e-6))))
-                                               : std::max(1, std::min(3, int(15.0 / warm)));
-  std::vector<double> times;
-  for (int r = 0; r < reps; ++r) {
-    t0 = now();
-    fn();
-    times.push_back(now() - t0);
-  }
-  if (times.empty()) times.push_back(warm);
-  std::sort(times.begin(), times.end());
-  return {times[times.size() / 2], times.front(), warm, int(times.size())};
-}
-
-std::string timing_json(const Timing& t) {
-  std::ostringstream os;
-  os.precision(6);
-  os << "{\"median_s\": " << t.median_s << ", \"min_s\": " << t.min_s << ", \"warmup_s\": " << t.warmup_s
-     << ", \"reps\": " << t.reps << "}";
-  return os.str();
-}
+using bench::class_targets;
+using bench::time_it;
+using bench::timing_json;
+using bench::Timing;
 
 std::string fingerprint(const Tensor& r) {
   double s = 0, f = 0, asym = 0;
@@ -81,13 +43,6 @@ std::string fingerprint(const Tensor& r) {
   os.precision(12);
   os << "{\"sum\": " << s << ", \"fro\": " << std::sqrt(f) << ", \"max_asym\": " << asym << "}";
   return os.str();
-}
-
-// Integer class targets as doubles, and inputs, from one seeded generator.
-Tensor class_targets(std::size_t n, std::size_t classes, hesse::Generator& gen) {
-  Tensor t = Tensor::empty({n});
-  for (std::size_t i = 0; i < n; ++i) t.mutable_data()[i] = std::floor(gen.uniform(0, double(classes)));
-  return t;
 }
 
 // dgemm rate of this machine, now: 2000×2000 products.
@@ -171,67 +126,17 @@ std::string run_workload(const std::string& name) {
   return os.str();
 }
 
-// Runs one workload in a child process; returns its JSON with the child's peak RSS.
-std::string run_isolated(const std::string& name) {
-  int fds[2];
-  if (pipe(fds) != 0) return "{\"status\": \"error\", \"error\": \"pipe\"}";
-  const pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    std::string out;
-    try {
-      out = run_workload(name);
-    } catch (const std::exception& e) {
-      out = std::string("{\"status\": \"error\", \"error\": \"") + e.what() + "\"}";
-    }
-    if (write(fds[1], out.data(), out.size()) < 0) _exit(2);
-    close(fds[1]);
-    _exit(0);
-  }
-  close(fds[1]);
-  std::string out;
-  char buf[4096];
-  ssize_t got;
-  while ((got = read(fds[0], buf, sizeof buf)) > 0) out.append(buf, std::size_t(got));
-  close(fds[0]);
-  int status = 0;
-  struct rusage usage {};
-  wait4(pid, &status, 0, &usage);
-  if (out.empty()) return "{\"status\": \"error\", \"error\": \"child died\"}";
-  std::ostringstream os;
-  os << out.substr(0, out.size() - 1) << ", \"peak_rss_mb\": " << double(usage.ru_maxrss) / 1024.0
-     << ", \"major_faults\": " << usage.ru_majflt << ", \"minor_faults\": " << usage.ru_minflt << "}";
-  return os.str();
-}
-
-const char* env_or_null(const char* k) { return std::getenv(k); }
-
 }  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> names = {"mimo", "mlp_small_loss", "mlp_medium_loss", "per_sample_model", "hvp_large"};
-  std::vector<std::string> only;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--only") {
-      while (i + 1 < argc && argv[i + 1][0] != '-') only.push_back(argv[++i]);
-    } else if (a == "--reps-budget" && i + 1 < argc) {
-      budget_s = std::atof(argv[++i]);
-    } else {
-      std::cerr << "usage: bench_hessian [--only name ...] [--reps-budget seconds]\n";
-      return 2;
-    }
-  }
-  if (!only.empty()) names = only;
-  std::cout << "{\"benchmark\": \"hesse_hessian\", \"env\": {";
-  const char* keys[] = {"OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "GLIBC_TUNABLES", "OMP_NUM_THREADS"};
-  for (std::size_t i = 0; i < 4; ++i) {
-    const char* v = env_or_null(keys[i]);
-    std::cout << (i ? ", " : "") << "\"" << keys[i] << "\": " << (v ? "\"" + std::string(v) + "\"" : "null");
-  }
-  std::cout << "}, \"dgemm_gflops\": " << dgemm_gflops() << ", \"workloads\": {";
+  names = bench::workloads_from_args(argc, argv, names, "bench_hessian");
+  if (names.empty()) return 2;
+  std::cout << "{\"benchmark\": \"hesse_hessian\", \"env\": " << bench::env_json();
+  std::cout << ", \"dgemm_gflops\": " << dgemm_gflops() << ", \"workloads\": {";
   for (std::size_t i = 0; i < names.size(); ++i) {
-    std::cout << (i ? ", " : "") << "\n \"" << names[i] << "\": " << run_isolated(names[i]) << std::flush;
+    std::cout << (i ? ", " : "") << "\n \"" << names[i]
+              << "\": " << bench::run_isolated([&] { return run_workload(names[i]); }) << std::flush;
   }
   std::cout << "\n}}\n";
   return 0;

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <iostream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -108,6 +109,25 @@ inline std::string env_json() {
   }
   os << "}";
   return os.str();
+}
+
+/// The workloads asked for by `--only name ...` (all by default); also reads
+/// `--reps-budget seconds`. Prints the usage and returns nothing on bad arguments.
+inline std::vector<std::string> workloads_from_args(int argc, char** argv, const std::vector<std::string>& all,
+                                                    const char* program) {
+  std::vector<std::string> only;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--only") {
+      while (i + 1 < argc && argv[i + 1][0] != '-') only.push_back(argv[++i]);
+    } else if (a == "--reps-budget" && i + 1 < argc) {
+      budget_s = std::atof(argv[++i]);
+    } else {
+      std::cerr << "usage: " << program << " [--only name ...] [--reps-budget seconds]\n";
+      return {};
+    }
+  }
+  return only.empty() ? all : only;
 }
 
 }  // namespace bench

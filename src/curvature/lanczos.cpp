@@ -77,9 +77,11 @@ void project_out(const double* v, std::size_t m, std::size_t n, double* w, std::
               w, int(n));
 }
 
-double norm(const double* x, std::size_t n) { return cblas_dnrm2(int(n), x, 1); }
-
 }  // namespace
+
+// √(x · x): OpenBLAS's dnrm2 guards against overflow with a scaled loop that
+// costs several times a dot product; vectors here are far from overflowing.
+double norm(const double* x, std::size_t n) { return std::sqrt(cblas_ddot(int(n), x, 1, x, 1)); }
 
 KrylovBasis::KrylovBasis(const LinearOperator& op, std::size_t capacity, std::size_t block_size, Generator& gen,
                          bool restart, bool always_full)
@@ -111,7 +113,7 @@ void KrylovBasis::start(const double* rows, std::size_t count) {
 }
 
 void KrylovBasis::start_random() {
-  for (std::size_t i = 0; i < block_ * n_; ++i) row_mut(0)[i] = gen_.normal();
+  fill_rademacher(gen_, row_mut(0), block_ * n_);  // random signs: as good a start, far cheaper than normals
   start(row(0), block_);
 }
 
@@ -246,7 +248,7 @@ std::size_t KrylovBasis::orthonormalize_block(std::size_t count, double threshol
 bool KrylovBasis::random_row(std::size_t r) {
   if (r >= n_) return false;
   double* x = row_mut(r);
-  for (std::size_t i = 0; i < n_; ++i) x[i] = gen_.normal();
+  fill_rademacher(gen_, x, n_);
   std::vector<double> c(r);
   // Repeat while a pass removes most of the vector (DGKS); two passes almost always.
   double before = norm(x, n_), after = before;
@@ -451,14 +453,15 @@ PowerIteration power_iteration(const LinearOperator& op, std::size_t steps, std:
   NoGradGuard no_grad;
   const std::size_t n = op.size(), products_before = op.products();
   Generator gen(seed);
-  Tensor v = randn({n}, gen);
-  cblas_dscal(int(n), 1.0 / cblas_dnrm2(int(n), v.data(), 1), v.mutable_data(), 1);
+  Tensor v = Tensor::empty({n});
+  detail::fill_rademacher(gen, v.mutable_data(), n);
+  cblas_dscal(int(n), 1.0 / std::sqrt(double(n)), v.mutable_data(), 1);
 
   // v_{i+1} = A v_i / ‖A v_i‖; the last product also gives the Rayleigh
   // quotient vᵀ A v and the residual of the returned vector.
   Tensor av = op(v);
   for (std::size_t i = 1; i < steps; ++i) {
-    const double size = cblas_dnrm2(int(n), av.data(), 1);
+    const double size = detail::norm(av.data(), n);
     if (!(size > 0)) break;  // A v = 0: v is an eigenvector of 0
     v = av.clone();
     cblas_dscal(int(n), 1.0 / size, v.mutable_data(), 1);

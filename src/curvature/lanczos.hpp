@@ -20,6 +20,9 @@ struct SymmetricEigen {
 /// LAPACK dsyevr on the m × m block at `a` (leading dimension lda, symmetric).
 SymmetricEigen symmetric_eigen(const double* a, std::size_t m, std::size_t lda);
 
+/// The Euclidean norm of x [n].
+double norm(const double* x, std::size_t n);
+
 /// `count` Rademacher signs ±1, 64 per draw of the generator.
 void fill_rademacher(Generator& gen, double* out, std::size_t count);
 
@@ -45,7 +48,7 @@ class KrylovBasis {
 
   /// Starts over from `count` rows [count, n] (orthonormalised here).
   void start(const double* rows, std::size_t count);
-  /// Starts over from block_size standard normal rows.
+  /// Starts over from block_size rows of random signs.
   void start_random();
   /// Multiplies the newest block by A, extends T and forms the next block.
   void step();
