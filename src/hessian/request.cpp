@@ -83,13 +83,7 @@ std::size_t dense_bytes(const Selection& sel, std::size_t count, bool diagonal_o
 }
 
 void check_memory(const char* api, const Selection& sel, std::size_t count, const HessianOptions& o) {
-  const std::size_t bytes = dense_bytes(sel, count, o.diagonal_only);
-  if (bytes > limit_of(o))
-    throw MemoryLimitError(message(
-        api, "the dense result needs ", bytes, " bytes (", count, " Hessian", count == 1 ? "" : "s", " of n = ",
-        sel.n, " parameters) but the limit is ", limit_of(o),
-        " bytes; use diagonal_only, a smaller params selection, or the matrix-free routes "
-        "(hessian_vector_product, loss_hessian_diagonal), or raise HessianOptions::max_bytes"));
+  check_bytes(api, "the dense result", dense_bytes(sel, count, o.diagonal_only), sel, count, o);
 }
 
 // Entries of every tensor on y's tape: what one seed carries through a backward pass.
@@ -301,8 +295,9 @@ void check_bytes(const char* api, const std::string& what, std::size_t bytes, co
     throw MemoryLimitError(message(
         api, what, " needs ", bytes, " bytes (", count, " Hessian", count == 1 ? "" : "s", " of n = ", sel.n,
         " parameters) but the limit is ", limit_of(o),
-        " bytes; use diagonal_only, a smaller params selection, or the matrix-free operators "
-        "(loss_hessian_operator, lanczos), or raise HessianOptions::max_bytes"));
+        " bytes; use diagonal_only, a smaller params selection, packed or block-sparse storage, or the matrix-free "
+        "routes (hessian_vector_product, loss_hessian_diagonal, loss_hessian_operator with lanczos), or raise "
+        "HessianOptions::max_bytes"));
 }
 
 std::size_t index_of(const char* api, const std::vector<std::string>& names, const std::string& name) {
