@@ -165,8 +165,9 @@ struct Eigenpairs {
   bool converged = false;
 };
 
-/// Extreme eigenpairs of a symmetric operator by (block) Lanczos with full
-/// reorthogonalisation; residuals are measured, not estimated. When the Krylov
+/// Extreme eigenpairs of a symmetric operator by (block) Lanczos, the basis kept
+/// orthogonal to rounding (see full_reorthogonalization); residuals are
+/// measured, not estimated. When the Krylov
 /// space becomes invariant (few distinct eigenvalues, low rank) Lanczos restarts
 /// from a random vector orthogonal to it, until a restart finds nothing beyond
 /// the k-th value, so repeated eigenvalues come out with their multiplicity.
