@@ -325,6 +325,10 @@ BOOST_AUTO_TEST_CASE(block_sparse_with_subsets_frozen_and_diagonal_only) {
   CHECK_EXACT(d.dense(), loss_hessian_matrix(*mlp, nn::MSELoss(), {x}, t, diagonal()));
   const HessianDict dd = loss_hessian_dict(*mlp, nn::MSELoss(), {x}, t, diagonal());
   for (const auto& [key, block] : dd.blocks()) CHECK_EXACT(d.block(key.first, key.second), block);
+  // its dict has the pairs loss_hessian_dict has: the (P, P) blocks only
+  BOOST_CHECK(d.diagonal_only);
+  BOOST_CHECK_EQUAL(d.dict().blocks().size(), dd.blocks().size());
+  BOOST_CHECK(!d.dict().contains("0.weight", "2.bias"));
   mlp->parameter("0.weight").requires_grad_(false);
   const BlockSparseHessian f = loss_hessian_block_sparse(*mlp, nn::MSELoss(), {x}, t);
   BOOST_CHECK((f.names == std::vector<std::string>{"0.bias", "2.weight", "2.bias"}));

@@ -325,11 +325,14 @@ class BlockSparseHessian {
   std::vector<Shape> shapes;
   Shape lead;  ///< output shape for model Hessians, [] for a loss
   std::map<std::pair<std::size_t, std::size_t>, Tensor> blocks;  ///< p <= q
+  bool diagonal_only = false;  ///< computed with diagonal_only: (P, Q ≠ P) is unknown, not zero
 
   /// Block (P, Q) for any pair (a transpose for P > Q, zeros when absent).
   Tensor block(const std::string& p, const std::string& q) const;
-  /// lead + [n, n].
+  /// lead + [n, n] (the off-diagonal blocks zero with diagonal_only).
   Tensor dense() const;
+  /// As loss_hessian_dict / model_hessian_dict give it: every pair, or only
+  /// the (P, P) blocks with diagonal_only.
   HessianDict dict() const;
   std::size_t bytes() const;
 };

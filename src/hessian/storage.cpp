@@ -75,6 +75,7 @@ BlockSparseHessian block_sparse(const char* api, const Selection& sel, const Hes
   const std::vector<bool> wanted = stored_blocks(sel, outputs, o.diagonal_only);
   BlockSparseHessian h;
   h.names = sel.names;
+  h.diagonal_only = o.diagonal_only;
   for (const Tensor& t : sel.params) h.shapes.push_back(t.shape());
   outputs(
       [&](const Shape& lead) {
@@ -169,7 +170,8 @@ HessianDict BlockSparseHessian::dict() const {
   HessianDict d;
   d.names_ = names;
   for (const std::string& p : names)
-    for (const std::string& q : names) d.blocks_.emplace(std::make_pair(p, q), block(p, q));
+    for (const std::string& q : names)
+      if (!diagonal_only || p == q) d.blocks_.emplace(std::make_pair(p, q), block(p, q));
   return d;
 }
 
