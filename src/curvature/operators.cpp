@@ -36,53 +36,7 @@ namespace {
 
 enum class Kind { hessian, ggn, fisher };
 
-// ---- small helpers ----
-
-/// Columns of parameter p in a block V [k, n], as seeds [k, P.shape].
-Tensor part_of(const Tensor& V, const Selection& sel, std::size_t p) {
-  const auto begin = std::int64_t(sel.offsets[p]), end = std::int64_t(sel.offsets[p] + sel.sizes[p]);
-  return reshape(slice(V, 1, begin, end), concat_shape({V.shape()[0]}, sel.params[p].shape()));
-}
-
-/// d(Σ_i <seeds_i, outputs_i>)/d(inputs) for seeds with a leading block dimension k,
-/// keeping the graph for the next product. Outputs that are constant are skipped;
-/// an input nothing depends on gets an undefined gradient.
-std::vector<Tensor> block_grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& seeds,
-                               const std::vector<Tensor>& inputs, bool create_graph = false) {
-  std::vector<Tensor> live, live_seeds;
-  for (std::size_t i = 0; i < outputs.size(); ++i)
-    if (outputs[i].defined() && outputs[i].requires_grad() && seeds[i].defined())
-      live.push_back(outputs[i]), live_seeds.push_back(seeds[i]);
-  if (live.empty()) return std::vector<Tensor>(inputs.size());
-  GradOptions o;
-  o.create_graph = create_graph;
-  o.retain_graph = true;
-  o.allow_unused = true;
-  o.batched_grad_outputs = true;
-  return grad(live, inputs, live_seeds, o);
-}
-
-/// ∇_wrt <seed, y> (seed omitted for a scalar y), recorded so that it can be differentiated again.
-std::vector<Tensor> recorded_grad(const Tensor& y, const std::vector<Tensor>& wrt, const Tensor& seed = Tensor()) {
-  GradOptions o;
-  o.create_graph = true;
-  o.allow_unused = true;
-  return grad({y}, wrt, {seed}, o);
-}
-
-/// out[:, columns of group[j]] += scale · grads[j] ([k, P.shape] each; undefined = zero).
-void add_columns(Tensor& out, const Selection& sel, const std::vector<std::size_t>& group,
-                 const std::vector<Tensor>& grads, double scale) {
-  const std::size_t k = out.shape()[0], n = sel.n;
-  double* o = out.mutable_data();
-  for (std::size_t j = 0; j < group.size(); ++j) {
-    if (!grads[j].defined()) continue;
-    const std::size_t p = group[j], size = sel.sizes[p];
-    const double* g = grads[j].data();
-    for (std::size_t i = 0; i < k; ++i)
-      for (std::size_t c = 0; c < size; ++c) o[i * n + sel.offsets[p] + c] += scale * g[i * size + c];
-  }
-}
+// ---- small helpers (the batched-gradient ones are in request.hpp) ----
 
 /// The parameter groups of one product: all parameters together, or each alone
 /// for the block-diagonal part (seeds and derivatives stay within P).

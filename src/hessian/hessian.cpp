@@ -188,31 +188,13 @@ Tensor hessian_vector_product(nn::Module& model, const Criterion& criterion, con
   const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
   const bool batched = v.ndim() == 2;
   const Tensor vk = batched ? v : unsqueeze(v, 0);
-  const std::size_t k = vk.shape()[0];
-  if (!loss.requires_grad()) return zeros(v.shape());  // the loss does not depend on the selection
-  std::vector<Tensor> seeds, wanted;
-  GradOptions first;
-  first.create_graph = true;
-  first.allow_unused = true;
-  const std::vector<Tensor> g = grad({loss}, sel.params, {}, first);
-  for (std::size_t p = 0; p < sel.params.size(); ++p) {
-    if (!g[p].defined() || !g[p].requires_grad()) continue;
-    const Tensor piece = slice(vk, 1, std::int64_t(sel.offsets[p]), std::int64_t(sel.offsets[p] + sel.sizes[p]));
-    seeds.push_back(reshape(piece, detail::concat_shape({k}, sel.params[p].shape())));
-    wanted.push_back(g[p]);
+  Tensor out = zeros({vk.shape()[0], sel.n});
+  if (loss.requires_grad()) {  // else the loss does not depend on the selection: H = 0
+    std::vector<Tensor> seeds;
+    std::vector<std::size_t> all;
+    for (std::size_t p = 0; p < sel.params.size(); ++p) seeds.push_back(part_of(vk, sel, p)), all.push_back(p);
+    add_columns(out, sel, all, block_grad(recorded_grad(loss, sel.params), seeds, sel.params), 1.0);
   }
-  std::vector<Tensor> parts;
-  std::vector<Tensor> hv;
-  if (!wanted.empty()) {
-    GradOptions second;
-    second.allow_unused = true;
-    second.batched_grad_outputs = true;
-    hv = grad(wanted, sel.params, seeds, second);
-  }
-  for (std::size_t p = 0; p < sel.params.size(); ++p)
-    parts.push_back(!hv.empty() && hv[p].defined() ? reshape(hv[p], Shape{k, sel.sizes[p]})
-                                                   : zeros({k, sel.sizes[p]}));
-  Tensor out = concatenate(parts, 1);
   return batched ? out : reshape(out, Shape{sel.n});
 }
 

@@ -118,11 +118,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
   const std::size_t per_seed = count * tape_elements(y);
   Tensor entry_seeds = zeros(concat_shape({count}, y.shape()));
   for (std::size_t e = 0; e < count; ++e) entry_seeds.mutable_data()[e * y.numel() + first + e] = 1.0;
-  GradOptions first_level;
-  first_level.create_graph = true;
-  first_level.allow_unused = true;
-  first_level.batched_grad_outputs = true;
-  const std::vector<Tensor> g = grad({y}, sel.params, {entry_seeds}, first_level);  // g[p]: [count, P.shape]
+  const std::vector<Tensor> g = recorded_grad(y, sel.params, entry_seeds, true);  // g[p]: [count, P.shape]
 
   GradOptions second_level;
   second_level.retain_graph = true;
@@ -200,6 +196,47 @@ void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOpt
                          const std::vector<bool>* wanted_blocks) {
   for (std::size_t first = 0; first < y.numel(); first += kEntryGroup)
     hessian_rows(y, first, std::min(kEntryGroup, y.numel() - first), sel, o, sink_from(first), wanted_blocks);
+}
+
+Tensor part_of(const Tensor& V, const Selection& sel, std::size_t p) {
+  const auto begin = std::int64_t(sel.offsets[p]), end = std::int64_t(sel.offsets[p] + sel.sizes[p]);
+  return reshape(slice(V, 1, begin, end), concat_shape({V.shape()[0]}, sel.params[p].shape()));
+}
+
+std::vector<Tensor> block_grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& seeds,
+                               const std::vector<Tensor>& inputs, bool create_graph) {
+  std::vector<Tensor> live, live_seeds;
+  for (std::size_t i = 0; i < outputs.size(); ++i)
+    if (outputs[i].defined() && outputs[i].requires_grad() && seeds[i].defined())
+      live.push_back(outputs[i]), live_seeds.push_back(seeds[i]);
+  if (live.empty()) return std::vector<Tensor>(inputs.size());
+  GradOptions o;
+  o.create_graph = create_graph;
+  o.retain_graph = true;
+  o.allow_unused = true;
+  o.batched_grad_outputs = true;
+  return grad(live, inputs, live_seeds, o);
+}
+
+std::vector<Tensor> recorded_grad(const Tensor& y, const std::vector<Tensor>& wrt, const Tensor& seed, bool batched) {
+  GradOptions o;
+  o.create_graph = true;
+  o.allow_unused = true;
+  o.batched_grad_outputs = batched;
+  return grad({y}, wrt, {seed}, o);
+}
+
+void add_columns(Tensor& out, const Selection& sel, const std::vector<std::size_t>& group,
+                 const std::vector<Tensor>& grads, double scale) {
+  const std::size_t k = out.shape()[0], n = sel.n;
+  double* o = out.mutable_data();
+  for (std::size_t j = 0; j < group.size(); ++j) {
+    if (!grads[j].defined()) continue;
+    const std::size_t p = group[j], size = sel.sizes[p];
+    const double* g = grads[j].data();
+    for (std::size_t i = 0; i < k; ++i)
+      for (std::size_t c = 0; c < size; ++c) o[i * n + sel.offsets[p] + c] += scale * g[i * size + c];
+  }
 }
 
 std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target) {

@@ -82,6 +82,22 @@ void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOpt
                          const std::function<RowSink(std::size_t first)>& sink_from,
                          const std::vector<bool>* wanted_blocks = nullptr);
 
+// ---- batched gradients over a selection (shared by the HVP and the operators) ----
+/// Columns of parameter p in a block V [k, n], as seeds [k, P.shape].
+Tensor part_of(const Tensor& V, const Selection& sel, std::size_t p);
+/// d(Σ_i <seeds_i, outputs_i>)/d(inputs) for seeds with a leading block dimension k,
+/// keeping the graph for the next product. Outputs that are constant are skipped;
+/// an input nothing depends on gets an undefined gradient.
+std::vector<Tensor> block_grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& seeds,
+                               const std::vector<Tensor>& inputs, bool create_graph = false);
+/// ∇_wrt <seed, y> (seed omitted for a scalar y), recorded so that it can be
+/// differentiated again; `batched`: the seed has extra leading dimensions.
+std::vector<Tensor> recorded_grad(const Tensor& y, const std::vector<Tensor>& wrt, const Tensor& seed = Tensor(),
+                                  bool batched = false);
+/// out[:, columns of group[j]] += scale · grads[j] ([k, P.shape] each; undefined = zero).
+void add_columns(Tensor& out, const Selection& sel, const std::vector<std::size_t>& group,
+                 const std::vector<Tensor>& grads, double scale);
+
 /// The batch size shared by every input (and the target, when defined).
 std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target = Tensor());
 /// Sample b of every input, as a batch of one.

@@ -52,11 +52,8 @@ void walk_tape(const std::vector<Tensor>& roots, const std::function<void(const 
 
 std::vector<Tensor> first_gradient(const Tensor& y, const Selection& sel, const Tensor& seeds) {
   if (!y.requires_grad()) return std::vector<Tensor>(sel.params.size());
-  GradOptions o;
-  o.create_graph = true;
-  o.allow_unused = true;
-  o.batched_grad_outputs = seeds.defined() && seeds.ndim() > y.ndim();
-  return grad({y}, sel.params, {seeds.defined() ? seeds : ones(y.shape())}, o);
+  return recorded_grad(y, sel.params, seeds.defined() ? seeds : ones(y.shape()),
+                       seeds.defined() && seeds.ndim() > y.ndim());
 }
 
 namespace {
