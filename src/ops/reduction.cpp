@@ -118,11 +118,12 @@ Tensor reduce_grad(const Tensor& grad, const Shape& output_shape, const Shape& i
   const Shape batch = batch_dims(grad, output_shape);
   const Shape target = concat_shape(batch, input_shape);
   if (grad.shape() == target) return grad;
-  // sum the dims broadcasting added in front of the input, and those where it had size 1
+  // sum the dims broadcasting added in front of the input, and those where it
+  // had size 1; a dim of size 1 in the output needs no sum, only the reshape
   std::vector<int> axes;
   const std::size_t lead = output_shape.size() - input_shape.size();
   for (std::size_t d = 0; d < output_shape.size(); ++d)
-    if (d < lead || (input_shape[d - lead] == 1 && output_shape[d] != 1)) axes.push_back(int(batch.size() + d));
+    if (output_shape[d] != 1 && (d < lead || input_shape[d - lead] == 1)) axes.push_back(int(batch.size() + d));
   Tensor summed = axes.empty() ? grad : sum(grad, axes, /*keepdim=*/true);
   return reshape(summed, target);
 }
