@@ -19,17 +19,16 @@ namespace {
 
 std::size_t global_limit = std::size_t(4) << 30;
 
-// Sinks writing into the two result layouts, from output entry `base` on.
+// Sinks writing into the two result layouts, from output entry `base` on. The
+// matrix sink keeps the rows of the upper blocks (p, q >= p) only, and
+// mirror_upper_blocks completes the matrix afterwards.
 RowSink matrix_sink(Tensor& h, std::size_t base, const Selection& sel) {
   double* data = h.mutable_data();
   return [data, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values,
                             bool mirrored) {
+    if (mirrored) return;
     double* matrix = data + (base + e) * sel.n * sel.n;
-    if (!mirrored) {
-      std::memcpy(matrix + (sel.offsets[p] + row) * sel.n + sel.offsets[q], values, sel.sizes[q] * sizeof(double));
-      return;
-    }
-    for (std::size_t c = 0; c < sel.sizes[q]; ++c) matrix[(sel.offsets[q] + c) * sel.n + sel.offsets[p] + row] = values[c];
+    std::memcpy(matrix + (sel.offsets[p] + row) * sel.n + sel.offsets[q], values, sel.sizes[q] * sizeof(double));
   };
 }
 
@@ -45,6 +44,21 @@ RowSink dict_sink(HessianDict& d, std::size_t base, const Selection& sel) {
     double* block = d.blocks_.at({sel.names[q], sel.names[p]}).mutable_data() + (base + e) * sel.sizes[q] * sel.sizes[p];
     for (std::size_t c = 0; c < sel.sizes[q]; ++c) block[c * sel.sizes[p] + row] = values[c];
   };
+}
+
+// Block (q, p) = block (p, q)ᵀ for every p < q of an n × n matrix, in tiles
+// that stay in cache: writing a transposed row strides across the whole
+// matrix, one cache line (and for large n one page) per value.
+void mirror_upper_blocks(double* m, const Selection& sel) {
+  constexpr std::size_t tile = 32;
+  const std::size_t n = sel.n;
+  for (std::size_t p = 0; p < sel.params.size(); ++p)
+    for (std::size_t q = p + 1; q < sel.params.size(); ++q)
+      for (std::size_t r0 = 0; r0 < sel.sizes[p]; r0 += tile)
+        for (std::size_t c0 = 0; c0 < sel.sizes[q]; c0 += tile)
+          for (std::size_t r = r0; r < std::min(r0 + tile, sel.sizes[p]); ++r)
+            for (std::size_t c = c0; c < std::min(c0 + tile, sel.sizes[q]); ++c)
+              m[(sel.offsets[q] + c) * n + sel.offsets[p] + r] = m[(sel.offsets[p] + r) * n + sel.offsets[q] + c];
 }
 
 HessianDict empty_dict(const Selection& sel, const Shape& lead, bool diagonal_only) {
@@ -102,33 +116,19 @@ Tensor model_hessian_matrix(nn::Module& model, const std::vector<Tensor>& inputs
   RequestScope scope(model, sel);
   Tensor h;
   const std::size_t n = sel.n;
-  // Each sample's matrices are cleared just before its rows arrive and their
-  // lower blocks are copied from the upper ones right after: the result is
-  // far larger than the cache, and zeroing it all first, then writing
-  // columns of mirrored blocks across it, missed the cache on every row.
+  // Each sample's matrices are cleared just before their rows arrive and
+  // mirrored right after, while they are in cache: the result can be far
+  // larger than the cache.
   model_hessians(
       "model_hessian_matrix", model, inputs, sel, o,
       [&](const Shape& out_shape) { h = Tensor::empty(detail::concat_shape(out_shape, {n, n})); },
-      [&](std::size_t entry) -> RowSink {
-        RowSink upper = matrix_sink(h, entry, sel);
-        return [upper](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values,
-                       bool mirrored) {
-          if (!mirrored) upper(e, p, row, q, values, false);  // finish writes the mirrored blocks
-        };
-      },
+      [&](std::size_t entry) { return matrix_sink(h, entry, sel); },
       [&](std::size_t first, std::size_t count) {
         std::fill_n(h.mutable_data() + first * n * n, count * n * n, 0.0);
       },
       [&](std::size_t first, std::size_t count) {
         if (o.diagonal_only) return;
-        for (std::size_t e = first; e < first + count; ++e) {
-          double* m = h.mutable_data() + e * n * n;
-          for (std::size_t p = 0; p < sel.params.size(); ++p)
-            for (std::size_t q = p + 1; q < sel.params.size(); ++q)  // block (q, p) = block (p, q)ᵀ
-              for (std::size_t r = 0; r < sel.sizes[p]; ++r)
-                for (std::size_t c = 0; c < sel.sizes[q]; ++c)
-                  m[(sel.offsets[q] + c) * n + sel.offsets[p] + r] = m[(sel.offsets[p] + r) * n + sel.offsets[q] + c];
-        }
+        for (std::size_t e = first; e < first + count; ++e) mirror_upper_blocks(h.mutable_data() + e * n * n, sel);
       });
   return h;
 }
@@ -156,6 +156,7 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
   check_memory(api, sel, 1, o);
   Tensor h = zeros({sel.n, sel.n});
   hessian_rows(loss, 0, 1, sel, o, matrix_sink(h, 0, sel));
+  if (!o.diagonal_only) mirror_upper_blocks(h.mutable_data(), sel);
   return h;
 }
 
@@ -171,6 +172,7 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
     const Tensor t = slice(target, 0, std::int64_t(b), std::int64_t(b) + 1);
     const Tensor loss = scalar_loss(api, criterion, run_sample(api, model, inputs, b), t);
     hessian_rows(loss, 0, 1, sel, o, matrix_sink(h, b, sel));
+    if (!o.diagonal_only) mirror_upper_blocks(h.mutable_data() + b * sel.n * sel.n, sel);
   }
   return h;
 }
