@@ -6,6 +6,7 @@
 // differentiated again.
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -105,11 +106,32 @@ void backward(const std::vector<Tensor>& outputs, const std::vector<Tensor>& gra
               bool retain_graph = false);
 
 namespace detail {
-/// Records `result` as the output of op `name` with the given inputs and rule.
-Tensor record(const char* name, Tensor result, const std::vector<Tensor>& inputs, BackwardRule rule,
-              bool save_output = false);
 /// True when an op over these inputs would record a node.
-bool any_requires_grad(const std::vector<Tensor>& inputs);
+bool any_requires_grad(const Tensor* inputs, std::size_t count);
+inline bool any_requires_grad(std::initializer_list<Tensor> inputs) {
+  return any_requires_grad(inputs.begin(), inputs.size());
+}
+/// Records `result` as the output of op `name` with the given inputs and rule.
+Tensor record_node(const char* name, Tensor result, const Tensor* inputs, std::size_t count, BackwardRule rule,
+                   bool save_output);
+
+// Most ops run unrecorded (no input requires grad, or under NoGradGuard):
+// their inputs' list and their rule's closure are only put on the heap when
+// a node is recorded.
+template <class Rule>
+Tensor record(const char* name, Tensor result, std::initializer_list<Tensor> inputs, Rule&& rule,
+              bool save_output = false) {
+  if (!any_requires_grad(inputs.begin(), inputs.size())) return result;
+  return record_node(name, std::move(result), inputs.begin(), inputs.size(), BackwardRule(std::forward<Rule>(rule)),
+                     save_output);
+}
+template <class Rule>
+Tensor record(const char* name, Tensor result, const std::vector<Tensor>& inputs, Rule&& rule,
+              bool save_output = false) {
+  if (!any_requires_grad(inputs.data(), inputs.size())) return result;
+  return record_node(name, std::move(result), inputs.data(), inputs.size(), BackwardRule(std::forward<Rule>(rule)),
+                     save_output);
+}
 }  // namespace detail
 
 }  // namespace hesse

@@ -84,16 +84,16 @@ void release_node(std::shared_ptr<Node>&& node) {
   draining = false;
 }
 
-bool any_requires_grad(const std::vector<Tensor>& inputs) {
+bool any_requires_grad(const Tensor* inputs, std::size_t count) {
   if (!grad_enabled) return false;
-  for (const Tensor& t : inputs)
-    if (t.defined() && t.requires_grad()) return true;
+  for (std::size_t i = 0; i < count; ++i)
+    if (inputs[i].defined() && inputs[i].requires_grad()) return true;
   return false;
 }
 
-Tensor record(const char* name, Tensor result, const std::vector<Tensor>& inputs, BackwardRule rule,
-              bool save_output) {
-  if (!any_requires_grad(inputs)) return result;
+Tensor record_node(const char* name, Tensor result, const Tensor* inputs, std::size_t count, BackwardRule rule,
+                   bool save_output) {
+  if (!any_requires_grad(inputs, count)) return result;
   if (!result.defined())
     throw Error(message(name, "recorded an undefined result"));
   // a bug in an op, not in user code: recording onto an input (or onto a
@@ -101,15 +101,15 @@ Tensor record(const char* name, Tensor result, const std::vector<Tensor>& inputs
   if (result.grad_fn())
     throw Error(message(name, "result is already the output of '", result.grad_fn()->name,
                         "'; an op must record a fresh tensor"));
-  for (const Tensor& in : inputs)
-    if (in.defined() && in.impl() == result.impl())
+  for (std::size_t i = 0; i < count; ++i)
+    if (inputs[i].defined() && inputs[i].impl() == result.impl())
       throw Error(message(name, "result is one of its own inputs; an op must record a fresh tensor"));
   auto node = std::make_shared<Node>();
   node->name = name;
   node->sequence = next_sequence++;
   node->output_shape = result.shape();
-  node->edges.resize(inputs.size());
-  for (std::size_t i = 0; i < inputs.size(); ++i) {
+  node->edges.resize(count);
+  for (std::size_t i = 0; i < count; ++i) {
     const Tensor& in = inputs[i];
     if (!in.defined() || !in.requires_grad()) continue;
     if (in.grad_fn()) node->edges[i].node = in.grad_fn();
