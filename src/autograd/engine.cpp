@@ -285,10 +285,18 @@ class Pass {
     return false;
   }
 
-  static Needs needs_of(const Node* n) {
+  // With create_graph, a gradient for a requested leaf goes nowhere but to the
+  // caller, who often only differentiates it again (an HVP seeds it; its value
+  // is never read): such results may be deferred. backward()'s leaf .grad()
+  // values, and results without a graph, are for reading: never deferred.
+  Needs needs_of(const Node* n) const {
     Needs needs;
-    for (std::size_t k = 0; k < n->edges.size() && k < 64; ++k)
-      if (n->edges[k].active()) needs.bits |= std::uint64_t(1) << k;
+    const bool may_defer = options_.create_graph && !inputs_.empty();
+    for (std::size_t k = 0; k < n->edges.size() && k < 64; ++k) {
+      const Edge& e = n->edges[k];
+      if (e.active()) needs.bits |= std::uint64_t(1) << k;
+      if (may_defer && e.leaf && leaf_targets_.count(e.leaf.get())) needs.returned_only |= std::uint64_t(1) << k;
+    }
     return needs;
   }
 
