@@ -295,6 +295,19 @@ BOOST_AUTO_TEST_CASE(grad_with_respect_to_a_non_leaf_only) {
   BOOST_TEST(!x.grad().defined());
 }
 
+BOOST_AUTO_TEST_CASE(gradients_no_result_needs_are_not_computed) {
+  // y = Σ tanh(tanh(X W1ᵀ) W2ᵀ): by W1 alone, the rule of h W2ᵀ needs dh, not dW2
+  Generator gen(3);
+  Tensor W1 = randn(S({32, 48}), gen).requires_grad_(), W2 = randn(S({16, 32}), gen).requires_grad_();
+  const Tensor X = randn(S({64, 48}), gen);
+  auto y = [&] { return sum(tanh(linear(tanh(linear(X, W1)), W2))); };
+  std::vector<Tensor> both, first;
+  const std::uint64_t flops_both = gemm_flops_of([&] { both = grad({y()}, {W1, W2}); });
+  const std::uint64_t flops_first = gemm_flops_of([&] { first = grad(std::vector<Tensor>{y()}, std::vector<Tensor>{W1}); });
+  BOOST_TEST(flops_both - flops_first == 2u * 16 * 64 * 32);
+  HESSE_CHECK_CLOSE(first[0], both[0], 0.0);
+}
+
 BOOST_AUTO_TEST_SUITE_END()
 
 // ================================================================ higher order
