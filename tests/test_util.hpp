@@ -97,8 +97,8 @@ struct MiniHvpLarge {
     std::vector<Tensor> seeds;
     std::size_t at = 0;
     for (const Tensor& p : params) {
-      Shape shape = p.shape();
-      shape.insert(shape.begin(), k);
+      Shape shape{k};
+      shape.insert(shape.end(), p.shape().begin(), p.shape().end());
       seeds.push_back(reshape(slice(V, 1, std::int64_t(at), std::int64_t(at + p.numel())), shape));
       at += p.numel();
     }

@@ -57,12 +57,15 @@ struct Storage {
   std::size_t capacity = 0;
 
  private:
-  struct Pending;  // the deferred computation of the values (storage.cpp)
-  Storage(std::size_t n, std::unique_ptr<Pending> pending);
+  // Deferred values live in deferred.cpp, away from the pool's hot path (a raw
+  // pointer, so that ~Storage needs no definition of Pending).
+  struct Pending;
+  Storage() = default;  // deferred: no buffer until the values are computed
   double* materialize();
   void settle_readers();
+  void forget_deferral();  // ~Storage's part for deferred values and their operands
   double* data_ = nullptr;
-  std::unique_ptr<Pending> pending_values_;
+  Pending* pending_values_ = nullptr;     // owned
   std::atomic<bool> pending_{false};      // the values are still to be computed
   std::atomic<bool> has_readers_{false};  // some deferred values still have to read these
 };

@@ -45,26 +45,24 @@ void manual_seed(std::uint64_t seed) { default_generator().seed(seed); }
 // ---- construction ----
 
 namespace {
-// A tensor of this shape with no storage yet.
-std::shared_ptr<detail::TensorImpl> impl_of(const Shape& shape) {
-  // a product that wraps around would give a buffer smaller than the shape says
-  if (std::find(shape.begin(), shape.end(), std::size_t(0)) == shape.end()) {
-    std::size_t numel = 1;
-    for (std::size_t d : shape) {
-      if (numel > std::numeric_limits<std::size_t>::max() / sizeof(double) / d)
-        throw ValueError(detail::message("Tensor", "shape ", to_string(shape), " has too many elements"));
-      numel *= d;
-    }
+// The number of elements of a shape; refuses a shape whose byte count wraps
+// around (it would get a buffer smaller than the shape says).
+std::size_t checked_numel(const Shape& shape) {
+  if (std::find(shape.begin(), shape.end(), std::size_t(0)) != shape.end()) return 0;
+  std::size_t numel = 1;
+  for (std::size_t d : shape) {
+    if (numel > std::numeric_limits<std::size_t>::max() / sizeof(double) / d)
+      throw ValueError(detail::message("Tensor", "shape ", to_string(shape), " has too many elements"));
+    numel *= d;
   }
-  auto impl = std::make_shared<detail::TensorImpl>();
-  impl->shape = shape;
-  impl->numel = numel_of(shape);
-  return impl;
+  return numel;
 }
 }  // namespace
 
 Tensor Tensor::empty(const Shape& shape) {
-  auto impl = impl_of(shape);
+  auto impl = std::make_shared<detail::TensorImpl>();
+  impl->shape = shape;
+  impl->numel = checked_numel(shape);
   impl->storage = std::make_shared<detail::Storage>(impl->numel);
   return Tensor(std::move(impl));
 }
@@ -78,7 +76,9 @@ Tensor deferred(const Shape& shape, const std::vector<Tensor>& operands,
     kept.push_back(t.detach());
     reads.push_back(t.impl()->storage.get());
   }
-  auto impl = impl_of(shape);
+  auto impl = std::make_shared<TensorImpl>();
+  impl->shape = shape;
+  impl->numel = checked_numel(shape);
   impl->storage = Storage::deferred(
       impl->numel, [kept = std::move(kept), fill = std::move(fill)](double* out) { fill(kept, out); }, reads);
   return Tensor(std::move(impl));
