@@ -49,6 +49,25 @@ inline Timing time_it(const std::function<void()>& fn) {
   return {times[times.size() / 2], times.front(), warm, int(times.size())};
 }
 
+/// The median over repetitions of time(b) / time(a), a and b run alternately
+/// (after one warm-up each): on a shared machine whose speed drifts, a ratio of
+/// two medians taken seconds apart can be off by more than the effect measured.
+inline double paired_ratio(const std::function<void()>& a, const std::function<void()>& b, int reps = 200) {
+  a();
+  b();
+  std::vector<double> ratios;
+  for (int r = 0; r < reps; ++r) {
+    double t0 = now();
+    a();
+    const double ta = now() - t0;
+    t0 = now();
+    b();
+    ratios.push_back((now() - t0) / ta);
+  }
+  std::sort(ratios.begin(), ratios.end());
+  return ratios[ratios.size() / 2];
+}
+
 inline std::string timing_json(const Timing& t) {
   std::ostringstream os;
   os.precision(6);

@@ -19,6 +19,13 @@ void release_node(std::shared_ptr<Node>&& node);
 /// A fresh tensor with pooled, uninitialised storage.
 inline Tensor make(const Shape& shape) { return Tensor::empty(shape); }
 
+/// A tensor whose values fill(operands, out) computes on first access, for a
+/// result that may never be read (a gradient whose graph alone is used). Until
+/// then it holds the operands' values (not their graphs); a write to an operand
+/// computes it first. Worth it only where fill is costly (a large product).
+Tensor deferred(const Shape& shape, const std::vector<Tensor>& operands,
+                std::function<void(const std::vector<Tensor>& operands, double* out)> fill);
+
 /// The same storage under another shape of equal size (nothing recorded).
 inline Tensor with_shape(const Tensor& t, const Shape& shape) {
   auto impl = std::make_shared<TensorImpl>();

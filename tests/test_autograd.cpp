@@ -2,10 +2,14 @@
 #include "test_util.hpp"
 
 #include <cmath>
+#include <cstdio>
 #include <functional>
+#include <sstream>
+#include <thread>
 #include <vector>
 
 using namespace hesse;
+using hesse::testing::gemm_flops_of;
 using hesse::testing::max_abs_diff;
 
 namespace {
@@ -289,6 +293,19 @@ BOOST_AUTO_TEST_CASE(grad_with_respect_to_a_non_leaf_only) {
   Tensor gh = grad(y, h);
   HESSE_CHECK_CLOSE(gh, (Tensor{4.0, 0.25}), 1e-15);
   BOOST_TEST(!x.grad().defined());
+}
+
+BOOST_AUTO_TEST_CASE(gradients_no_result_needs_are_not_computed) {
+  // y = Σ tanh(tanh(X W1ᵀ) W2ᵀ): by W1 alone, the rule of h W2ᵀ needs dh, not dW2
+  Generator gen(3);
+  Tensor W1 = randn(S({32, 48}), gen).requires_grad_(), W2 = randn(S({16, 32}), gen).requires_grad_();
+  const Tensor X = randn(S({64, 48}), gen);
+  auto y = [&] { return sum(tanh(linear(tanh(linear(X, W1)), W2))); };
+  std::vector<Tensor> both, first;
+  const std::uint64_t flops_both = gemm_flops_of([&] { both = grad({y()}, {W1, W2}); });
+  const std::uint64_t flops_first = gemm_flops_of([&] { first = grad(std::vector<Tensor>{y()}, std::vector<Tensor>{W1}); });
+  BOOST_TEST(flops_both - flops_first == 2u * 16 * 64 * 32);
+  HESSE_CHECK_CLOSE(first[0], both[0], 0.0);
 }
 
 BOOST_AUTO_TEST_SUITE_END()
@@ -614,6 +631,122 @@ BOOST_AUTO_TEST_CASE(detach_cuts_the_tape) {
   BOOST_TEST(!c.requires_grad());
   Tensor d = sum(a.detach()) + sum(x) * 0.0;
   HESSE_CHECK_CLOSE(grad(d, x), zeros(S({2})), 0.0);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// ================================================================ deferred values
+
+// A gradient returned by grad() with create_graph is often only differentiated
+// again (an HVP seeds it), so a large product that goes nowhere else is
+// computed on first access only. Reading it, by any route, gives exactly the
+// values computed at once.
+BOOST_AUTO_TEST_SUITE(deferred_values)
+
+namespace {
+
+// loss = Σ tanh(X Wᵀ) with W [32, 48] and X [64, 48]: dW = δᵀ X is a
+// 32·64·48 product, large enough to be deferred.
+struct LargeProduct {
+  Generator gen{7};
+  Tensor W = (randn(S({32, 48}), gen) * 0.2).requires_grad_();
+  Tensor X = randn(S({64, 48}), gen);
+  static constexpr std::uint64_t kFlops = 2 * 32 * 64 * 48;
+
+  Tensor loss() const { return sum(tanh(linear(X, W))); }
+  /// dW with create_graph: deferred.
+  Tensor deferred() const { return grad(loss(), W, Tensor(), with_graph()); }
+  /// dW without: computed at once.
+  Tensor eager() const { return grad(loss(), W); }
+};
+
+std::string printed(const Tensor& t) {
+  std::ostringstream os;
+  os << t.detach();
+  return os.str();
+}
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_CASE(a_returned_gradient_is_computed_on_first_read_only, LargeProduct) {
+  const Tensor expect = eager();
+  Tensor g;
+  const std::uint64_t at_grad = gemm_flops_of([&] { g = deferred(); });
+  BOOST_TEST(gemm_flops_of([&] { (void)eager(); }) - at_grad == kFlops);  // the product was skipped
+  BOOST_TEST(g.requires_grad());
+  BOOST_TEST(gemm_flops_of([&] { HESSE_CHECK_CLOSE(g, expect, 0.0); }) == kFlops);  // read: computed now
+  BOOST_TEST(gemm_flops_of([&] { HESSE_CHECK_CLOSE(g, expect, 0.0); }) == 0u);      // and only once
+  // still differentiable: d/dW Σ g² through the deferred node
+  const Tensor gg = grad(sum(g * g), W);
+  BOOST_TEST(gg.shape() == W.shape());
+}
+
+BOOST_FIXTURE_TEST_CASE(every_read_gives_the_eager_values, LargeProduct) {
+  const Tensor expect = eager();
+  const xt::xarray<double> expect_values = expect.value();
+  BOOST_TEST(deferred().value() == expect_values);
+  HESSE_CHECK_CLOSE(deferred().clone(), expect, 0.0);
+  HESSE_CHECK_CLOSE(deferred().detach(), expect, 0.0);  // shares the pending storage
+  HESSE_CHECK_CLOSE(reshape(deferred(), {-1}), reshape(expect, {-1}), 0.0);
+  HESSE_CHECK_CLOSE(slice(deferred(), 0, 3, 7), slice(expect, 0, 3, 7), 0.0);
+  HESSE_CHECK_CLOSE(deferred() * 2.0, expect * 2.0, 0.0);
+  BOOST_TEST(sum(deferred()).item() == sum(expect).item());
+  BOOST_TEST(printed(deferred()) == printed(expect));
+  const std::string path = "test_autograd_deferred.npy";
+  save_npy(path, deferred());
+  HESSE_CHECK_CLOSE(load_npy(path), expect, 0.0);
+  std::remove(path.c_str());
+  // writing into a deferred tensor computes it first: the other entries stay
+  Tensor g = deferred();
+  g.mutable_data()[0] += 1.0;
+  Tensor expect_written = expect.clone();
+  expect_written.mutable_data()[0] += 1.0;
+  HESSE_CHECK_CLOSE(g, expect_written, 0.0);
+}
+
+BOOST_FIXTURE_TEST_CASE(writing_an_operand_computes_pending_values_first, LargeProduct) {
+  const Tensor expect = eager();
+  const Tensor g = deferred();  // reads X when computed
+  Tensor h = deferred();
+  X.mutable_data()[0] += 1.0;  // in place, as a data loader reusing its buffer would
+  HESSE_CHECK_CLOSE(g, expect, 0.0);
+  HESSE_CHECK_CLOSE(h, expect, 0.0);
+  // also through another handle on the same storage
+  const Tensor moved = eager();
+  const Tensor k = deferred();
+  Tensor view = X.detach();
+  view.mutable_data()[1] -= 2.0;
+  HESSE_CHECK_CLOSE(k, moved, 0.0);
+  BOOST_CHECK_GT(max_abs_diff(eager(), moved), 0.0);  // the write did change X
+}
+
+BOOST_FIXTURE_TEST_CASE(concurrent_first_reads_compute_once, LargeProduct) {
+  const Tensor expect = eager();
+  const Tensor g = deferred();
+  double first[2] = {0.0, 0.0};
+  const std::uint64_t flops = gemm_flops_of([&] {
+    std::thread a([&] { first[0] = g.data()[5]; });
+    std::thread b([&] { first[1] = g.data()[5]; });
+    a.join();
+    b.join();
+  });
+  BOOST_TEST(flops == kFlops);
+  BOOST_TEST(first[0] == expect.data()[5]);
+  BOOST_TEST(first[1] == expect.data()[5]);
+}
+
+BOOST_FIXTURE_TEST_CASE(backward_and_plain_grad_stay_eager, LargeProduct) {
+  // leaf .grad() is for reading; so is a gradient without a graph
+  BOOST_TEST(gemm_flops_of([&] { loss().backward(); }) == gemm_flops_of([&] { (void)eager(); }));
+  HESSE_CHECK_CLOSE(W.grad(), eager(), 0.0);
+  BOOST_TEST(gemm_flops_of([&] { (void)W.grad().data(); }) == 0u);
+  // a small product is not worth deferring
+  Tensor w = randn(S({3, 4}), gen).requires_grad_();
+  const Tensor x = randn(S({5, 4}), gen);
+  Tensor g;
+  const std::uint64_t at_grad = gemm_flops_of([&] { g = grad(sum(tanh(linear(x, w))), w, Tensor(), with_graph()); });
+  BOOST_TEST(at_grad == 2u * (5 * 4 * 3) + 2u * (3 * 5 * 4));
+  BOOST_TEST(gemm_flops_of([&] { (void)g.data(); }) == 0u);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

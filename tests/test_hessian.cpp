@@ -784,6 +784,28 @@ BOOST_AUTO_TEST_CASE(hvp_equals_dense_product) {
   CHECK_REL(hessian_vector_product(*net, ce, {x}, t, vs, o), matmul(Hs, vs), 1e-12);
 }
 
+// The first-level gradient is only seeded, never read: its largest product
+// is skipped, and the results are exactly those of reading it first.
+BOOST_FIXTURE_TEST_CASE(hvp_skips_the_unread_first_level_product, hesse::testing::MiniHvpLarge) {
+  using hesse::testing::gemm_flops_of;
+  for (const std::size_t k : {1, 3}) {
+    BOOST_TEST_CONTEXT("k = " << k) {
+      const Tensor V = randn({k, n}, gen);
+      Tensor hv, expect;
+      const std::uint64_t flops = gemm_flops_of([&] { hv = hessian_vector_product(*net, ce, {x}, t, V); });
+      const std::uint64_t reading = gemm_flops_of([&] { expect = hvp_reading_the_gradient(V); });
+      CHECK_EXACT(hv, expect);
+      BOOST_TEST(reading - flops == kDeferredFlops);
+    }
+  }
+  // the same Hessian as the dense route (itself deferring) and finite differences
+  const Tensor H = loss_hessian_matrix(*net, ce, {x}, t);
+  const Tensor v = randn({n}, gen);
+  CHECK_REL(hessian_vector_product(*net, ce, {x}, t, v), matmul(H, v), 1e-12);
+  CHECK_REL(H, fd_hessian(trainable(*net), [&] { return ce((*net)(x), t); }), 1e-6);
+  BOOST_CHECK_LE(asymmetry(H), 1e-12);
+}
+
 BOOST_AUTO_TEST_CASE(hvp_of_a_model_linear_in_a_parameter) {
   // Linear + MSE: the loss is quadratic; the Hessian is (2/NC) [x 1]ᵀ[x 1] ⊗ I
   Generator gen(51);

@@ -271,6 +271,26 @@ BOOST_AUTO_TEST_CASE(keep_graph_off_gives_the_same_products) {
   CHECK_REL(to_dense(rebuilt), loss_hessian_matrix(*net, bce, {x}, t), 1e-12);
 }
 
+// The first-level graph is only seeded, never read: recording it skips its
+// largest product, once when the graph is kept and in every product when not.
+BOOST_FIXTURE_TEST_CASE(operators_skip_the_unread_first_level_product, hesse::testing::MiniHvpLarge) {
+  using hesse::testing::gemm_flops_of;
+  const Tensor V = randn({2, n}, gen);
+  Tensor hv;
+  const std::uint64_t hvp = gemm_flops_of([&] { hv = hessian_vector_product(*net, ce, {x}, t, V); });
+  BOOST_TEST(gemm_flops_of([&] { (void)hvp_reading_the_gradient(V); }) - hvp == kDeferredFlops);
+  LinearOperator kept, rebuilt;
+  OperatorOptions off;
+  off.keep_graph = false;
+  const std::uint64_t build = gemm_flops_of([&] { kept = loss_hessian_operator(*net, ce, {x}, t); });
+  (void)gemm_flops_of([&] { rebuilt = loss_hessian_operator(*net, ce, {x}, t, off); });
+  Tensor a, b;
+  BOOST_TEST(build + gemm_flops_of([&] { a = kept(V); }) == hvp);
+  BOOST_TEST(gemm_flops_of([&] { b = rebuilt(V); }) == hvp);
+  BOOST_TEST(max_abs_diff(a, hv) == 0.0);
+  BOOST_TEST(max_abs_diff(b, hv) == 0.0);
+}
+
 BOOST_AUTO_TEST_CASE(a_block_of_k_vectors_is_k_single_products) {
   Generator gen(5);
   auto net = softplus_net(gen);
@@ -455,6 +475,11 @@ BOOST_AUTO_TEST_CASE(mlp_ggn_equals_explicit_jt_hz_j) {
       }
     }
   }
+}
+
+BOOST_FIXTURE_TEST_CASE(ggn_with_a_deferred_first_level_gradient, hesse::testing::MiniHvpLarge) {
+  // large enough that Jᵀ u's product for 0.weight is deferred (see MiniHvpLarge)
+  CHECK_REL(to_dense(ggn_operator(*net, ce, {x}, t)), explicit_ggn(*net, ce, x, t), 1e-12);
 }
 
 BOOST_AUTO_TEST_CASE(mse_sum_ggn_is_two_jt_j) {

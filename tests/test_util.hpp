@@ -1,6 +1,7 @@
 #pragma once
 // Small helpers shared by the test suites.
 #include <cmath>
+#include <cstdint>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -8,6 +9,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include "hesse/hesse.hpp"
+#include "hesse/profile.hpp"
 
 namespace hesse::testing {
 
@@ -46,15 +48,68 @@ struct LossCase {
   Tensor target;
 };
 
+/// Class indices for N samples of C classes (every class appears once N >= C).
+inline Tensor class_targets(std::size_t N, std::size_t C) {
+  Tensor classes = zeros({N});
+  for (std::size_t i = 0; i < N; ++i) classes.mutable_data()[i] = double((i * 2 + 1) % C);
+  return classes;
+}
+
 /// The losses the suites run every check under, on N samples of C outputs:
 /// MSE (mean, sum), cross-entropy with class indices, BCE with logits.
 inline std::vector<LossCase> loss_cases(Generator& gen, std::size_t N, std::size_t C) {
-  Tensor classes = zeros({N});
-  for (std::size_t i = 0; i < N; ++i) classes.mutable_data()[i] = double((i * 2 + 1) % C);
   return {{"mse_mean", nn::MSELoss(), randn({N, C}, gen)},
           {"mse_sum", nn::MSELoss(nn::Reduction::sum), randn({N, C}, gen)},
-          {"cross_entropy", nn::CrossEntropyLoss(), classes},
+          {"cross_entropy", nn::CrossEntropyLoss(), class_targets(N, C)},
           {"bce_with_logits", nn::BCEWithLogitsLoss(), rand({N, C}, gen)}};
 }
+
+/// The GEMM flops f() issues.
+template <class F>
+std::uint64_t gemm_flops_of(F&& f) {
+  const std::uint64_t before = profile::gemm_flops();
+  f();
+  return profile::gemm_flops() - before;
+}
+
+/// hvp_large in miniature: a tanh MLP 32-16-2 under cross-entropy, batch 64.
+/// The first-level gradient of 0.weight, δᵀ X, is a product large enough to
+/// be deferred (kDeferredFlops); that of 2.weight (2·64·16) is not.
+struct MiniHvpLarge {
+  Generator gen{64};
+  std::shared_ptr<nn::Sequential> net = nn::mlp({32, 16, 2}, nn::Activation::Kind::tanh, gen);
+  Tensor x = randn({64, 32}, gen);
+  Tensor t = class_targets(64, 2);
+  nn::CrossEntropyLoss ce;
+  std::size_t n = net->num_parameters();
+  static constexpr std::uint64_t kDeferredFlops = 2 * 16 * 64 * 32;
+
+  /// H V for the rows of V [k, n], as hessian_vector_product takes it, but with
+  /// every first-level gradient read before the second pass: nothing deferred.
+  Tensor hvp_reading_the_gradient(const Tensor& V) {
+    std::vector<Tensor> params;
+    for (const auto& [name, p] : net->trainable_parameters()) params.push_back(p);
+    GradOptions first;
+    first.create_graph = true;
+    const std::vector<Tensor> g = grad({ce((*net)(x), t)}, params, {}, first);
+    for (const Tensor& gp : g) (void)gp.data();
+    const std::size_t k = V.shape()[0];
+    std::vector<Tensor> seeds;
+    std::size_t at = 0;
+    for (const Tensor& p : params) {
+      Shape shape{k};
+      shape.insert(shape.end(), p.shape().begin(), p.shape().end());
+      seeds.push_back(reshape(slice(V, 1, std::int64_t(at), std::int64_t(at + p.numel())), shape));
+      at += p.numel();
+    }
+    GradOptions second;
+    second.retain_graph = true;
+    second.batched_grad_outputs = true;
+    const std::vector<Tensor> hv = grad(g, params, seeds, second);
+    std::vector<Tensor> flat;
+    for (const Tensor& h : hv) flat.push_back(reshape(h, Shape{k, h.numel() / k}));
+    return concatenate(flat, 1);
+  }
+};
 
 }  // namespace hesse::testing

@@ -18,7 +18,12 @@ namespace hesse {
 /// Which inputs of a node need a gradient (bit i for input i).
 struct Needs {
   std::uint64_t bits = 0;
+  /// Inputs whose gradient goes only to the caller of grad() with create_graph,
+  /// who may never read its value (only differentiate it again): a rule may
+  /// defer computing it until it is first read.
+  std::uint64_t returned_only = 0;
   bool operator[](std::size_t i) const { return i >= 64 || ((bits >> i) & 1u); }
+  bool may_defer(std::size_t i) const { return i < 64 && ((returned_only >> i) & 1u); }
 };
 
 /// A backward rule: given the gradient of the node's output (with any number of

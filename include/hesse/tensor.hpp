@@ -1,13 +1,16 @@
 #pragma once
 // hesse::Tensor: a cheap-to-copy handle to an evaluated, contiguous, row-major
 // array of doubles plus its autograd metadata (layer 1 of DESIGN.md).
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <iosfwd>
 #include <memory>
 #include <random>
 #include <string>
+#include <vector>
 
 #include <xtensor/xarray.hpp>
 
@@ -31,13 +34,40 @@ namespace detail {
 
 /// Pooled storage: released buffers go back to a size-keyed free list, since
 /// first-touching fresh memory is slow on the machines hesse runs on.
+/// The values may be deferred, computed on first access (a gradient whose
+/// value may never be read). Every access goes through read() or write(), and
+/// a write first computes the deferred values that read this storage, so
+/// deferral never changes a result.
 struct Storage {
   explicit Storage(std::size_t n);
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
-  double* data = nullptr;
+  /// Storage for n values that fill(data) computes on first access. `reads`:
+  /// the storages fill reads (it must keep them alive until it has run).
+  static std::shared_ptr<Storage> deferred(std::size_t n, std::function<void(double*)> fill,
+                                           const std::vector<Storage*>& reads);
+  /// The values, computed first if they are deferred.
+  double* read() { return pending_.load(std::memory_order_acquire) ? materialize() : data_; }
+  /// The values for writing.
+  double* write() {
+    if (has_readers_.load(std::memory_order_acquire)) settle_readers();
+    return read();
+  }
   std::size_t capacity = 0;
+
+ private:
+  // Deferred values live in deferred.cpp, away from the pool's hot path (a raw
+  // pointer, so that ~Storage needs no definition of Pending).
+  struct Pending;
+  Storage() = default;  // deferred: no buffer until the values are computed
+  double* materialize();
+  void settle_readers();
+  void forget_deferral();  // ~Storage's part for deferred values and their operands
+  double* data_ = nullptr;
+  Pending* pending_values_ = nullptr;     // owned
+  std::atomic<bool> pending_{false};      // the values are still to be computed
+  std::atomic<bool> has_readers_{false};  // some deferred values still have to read these
 };
 
 struct TensorImpl {

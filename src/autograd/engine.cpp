@@ -269,9 +269,7 @@ class Pass {
     // inputs come before their consumers on the tape: mark in creation order
     for (auto it = order_.rbegin(); it != order_.rend(); ++it) {
       Node* n = *it;
-      n->useful = node_targets_.count(n) > 0;
-      for (const Edge& e : n->edges)
-        n->useful = n->useful || (e.node && e.node->useful) || (e.leaf && wants_leaf(e.leaf.get()));
+      n->useful = node_targets_.count(n) > 0 || has_useful_edge(n);
     }
   }
 
@@ -279,16 +277,29 @@ class Pass {
     return inputs_.empty() ? true : leaf_targets_.count(leaf) > 0;
   }
 
+  // An edge whose gradient reaches a requested result (the others' are dropped).
+  bool useful(const Edge& e) const { return (e.node && e.node->useful) || (e.leaf && wants_leaf(e.leaf.get())); }
+
   bool has_useful_edge(const Node* n) const {
     for (const Edge& e : n->edges)
-      if ((e.node && e.node->useful) || (e.leaf && wants_leaf(e.leaf.get()))) return true;
+      if (useful(e)) return true;
     return false;
   }
 
-  static Needs needs_of(const Node* n) {
+  // A rule computes only the gradients that reach a requested result. With
+  // create_graph, a gradient for a requested leaf goes nowhere but to the
+  // caller, who often only differentiates it again (an HVP seeds it; its value
+  // is never read): such results may be deferred. backward()'s leaf .grad()
+  // values, and results without a graph, are for reading: never deferred.
+  Needs needs_of(const Node* n) const {
     Needs needs;
-    for (std::size_t k = 0; k < n->edges.size() && k < 64; ++k)
-      if (n->edges[k].active()) needs.bits |= std::uint64_t(1) << k;
+    const bool may_defer = options_.create_graph && !inputs_.empty();
+    for (std::size_t k = 0; k < n->edges.size() && k < 64; ++k) {
+      const Edge& e = n->edges[k];
+      if (!useful(e)) continue;
+      needs.bits |= std::uint64_t(1) << k;
+      if (may_defer && e.leaf) needs.returned_only |= std::uint64_t(1) << k;  // a leaf grad() returns
+    }
     return needs;
   }
 

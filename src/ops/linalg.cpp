@@ -44,7 +44,7 @@ MatmulDims matmul_dims(const Tensor& a, const Tensor& b, bool ta, bool tb) {
   return d;
 }
 
-Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb);
+Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb, bool defer = false);
 
 constexpr std::size_t kSmallGemm = 512;  // m·n·k up to which a plain loop beats BLAS
 
@@ -184,11 +184,10 @@ void matmul_shared_a(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
 
 // C[i] = op(A[i]) op(B[i]) over the broadcast batch, each by small_gemm.
 template <bool TA, bool TB>
-void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, Tensor& out) {
+void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double* pc) {
   const std::size_t a_mat = d.m * d.k, b_mat = d.k * d.n, c_mat = d.m * d.n;
   const double* pa = a.data();
   const double* pb = b.data();
-  double* pc = out.mutable_data();
   detail::for_each_broadcast(d.batch, detail::broadcast_strides(lead(a.shape()), d.batch),
                              detail::broadcast_strides(lead(b.shape()), d.batch),
                              [&](std::size_t io, std::size_t ia, std::size_t ib) {
@@ -196,11 +195,14 @@ void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, Tensor& o
                              });
 }
 
-Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulDims& d) {
-  Tensor out = make(detail::concat_shape(d.batch, {d.m, d.n}));
-  if (out.numel() == 0) return out;
-  if (d.k == 0) return zeros(out.shape());
+// c = op(A) op(B), written into c (batch + [m, n] values).
+void matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulDims& d, double* c) {
   const std::size_t batches = numel_of(d.batch);
+  if (batches * d.m * d.n == 0) return;
+  if (d.k == 0) {
+    std::fill_n(c, batches * d.m * d.n, 0.0);
+    return;
+  }
   flops.fetch_add(2 * std::uint64_t(d.m) * d.n * d.k * batches, std::memory_order_relaxed);
   const std::size_t a_mat = d.m * d.k, b_mat = d.k * d.n, c_mat = d.m * d.n;
   const bool a_batched = numel_of(lead(a.shape())) > 1, b_batched = numel_of(lead(b.shape())) > 1;
@@ -208,57 +210,67 @@ Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
     MatmulDims folded = d;
     folded.m = d.m * batches;
     if (!a_batched) {  // A broadcast over a batch that only B's shape has (of size 1 per dim): loop
-      for (std::size_t i = 0; i < batches; ++i) gemm(ta, tb, d, a.data(), b.data(), out.mutable_data() + i * c_mat);
-      return out;
+      for (std::size_t i = 0; i < batches; ++i) gemm(ta, tb, d, a.data(), b.data(), c + i * c_mat);
+      return;
     }
-    gemm(ta, tb, folded, a.data(), b.data(), out.mutable_data());
-    return out;
+    return gemm(ta, tb, folded, a.data(), b.data(), c);
   }
   // a batch of tiny products (per-sample Hessians are full of them): folding
   // costs more in temporaries and copies than the products; loop instead
   if (d.m * d.n * d.k * batches <= 8 * kSmallGemm && !d.batch.empty()) {
-    if (ta) tb ? tiny_batch<true, true>(a, b, d, out) : tiny_batch<true, false>(a, b, d, out);
-    else tb ? tiny_batch<false, true>(a, b, d, out) : tiny_batch<false, false>(a, b, d, out);
-    return out;
+    if (ta) tb ? tiny_batch<true, true>(a, b, d, c) : tiny_batch<true, false>(a, b, d, c);
+    else tb ? tiny_batch<false, true>(a, b, d, c) : tiny_batch<false, false>(a, b, d, c);
+    return;
   }
-  if (!a_batched && b_batched && numel_of(lead(b.shape())) == batches) {
-    matmul_shared_a(a, b, ta, tb, d, batches, out.mutable_data());
-    return out;
-  }
+  if (!a_batched && b_batched && numel_of(lead(b.shape())) == batches)
+    return matmul_shared_a(a, b, ta, tb, d, batches, c);
   if (a_batched && !b_batched && numel_of(lead(a.shape())) == batches) {
     // C[i] = A[i]ᵀ op(B): transpose each A[i] once, then fold as above
     Tensor at = Tensor::empty({batches * a_mat});
     transpose_each(a.data(), batches, d.k, d.m, at.mutable_data());
     MatmulDims folded = d;
     folded.m = d.m * batches;
-    gemm(false, tb, folded, at.data(), b.data(), out.mutable_data());
-    return out;
+    return gemm(false, tb, folded, at.data(), b.data(), c);
   }
   // one GEMM per batch entry, operands read through broadcast strides
   const Shape batch = d.batch;
   const Shape sa = detail::broadcast_strides(lead(a.shape()), batch);
   const Shape sb = detail::broadcast_strides(lead(b.shape()), batch);
-  if (batch.empty()) {
-    gemm(ta, tb, d, a.data(), b.data(), out.mutable_data());
-    return out;
-  }
+  if (batch.empty()) return gemm(ta, tb, d, a.data(), b.data(), c);
   detail::for_each_broadcast(batch, sa, sb, [&](std::size_t io, std::size_t ia, std::size_t ib) {
-    gemm(ta, tb, d, a.data() + ia * a_mat, b.data() + ib * b_mat, out.mutable_data() + io * c_mat);
+    gemm(ta, tb, d, a.data() + ia * a_mat, b.data() + ib * b_mat, c + io * c_mat);
   });
+}
+
+// Deferring costs a few allocations: only products far above the tiny ones gain.
+constexpr std::size_t kDeferrable = 64 * kSmallGemm;
+
+// op(A) op(B) now, or (defer) when first read: a gradient returned by grad()
+// with create_graph is often only differentiated again, never read.
+Tensor product(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulDims& d, bool defer) {
+  const Shape shape = detail::concat_shape(d.batch, {d.m, d.n});
+  if (defer && d.m * d.n * d.k * numel_of(d.batch) >= kDeferrable)
+    return detail::deferred(shape, {a, b}, [ta, tb, d](const std::vector<Tensor>& in, double* c) {
+      matmul_kernel(in[0], in[1], ta, tb, d, c);
+    });
+  Tensor out = make(shape);
+  matmul_kernel(a, b, ta, tb, d, out.mutable_data());
   return out;
 }
 
 // C = op(A) op(B) with op(X) = Xᵀ where flagged. Adjoints:
 //   dA = g op(B)ᵀ  (ta: dA = op(B) gᵀ)      dB = op(A)ᵀ g  (tb: dB = gᵀ op(A))
-Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb) {
+Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb, bool defer) {
   const MatmulDims d = matmul_dims(a, b, ta, tb);
-  Tensor out = matmul_kernel(a, b, ta, tb, d);
+  Tensor out = product(a, b, ta, tb, d, defer);
   return detail::record("matmul", out, {a, b}, [a, b, ta, tb, so = out.shape()](const Tensor& g, const Tensor&, Needs needs) {
     Tensor ga, gb;
-    if (needs[0]) ga = detail::reduce_grad(ta ? matmul_t(b, g, tb, true) : matmul_t(g, b, false, !tb), so,
-                                           a.shape());
-    if (needs[1]) gb = detail::reduce_grad(tb ? matmul_t(g, a, true, ta) : matmul_t(a, g, !ta, false), so,
-                                           b.shape());
+    if (needs[0]) ga = detail::reduce_grad(ta ? matmul_t(b, g, tb, true, needs.may_defer(0))
+                                              : matmul_t(g, b, false, !tb, needs.may_defer(0)),
+                                           so, a.shape());
+    if (needs[1]) gb = detail::reduce_grad(tb ? matmul_t(g, a, true, ta, needs.may_defer(1))
+                                              : matmul_t(a, g, !ta, false, needs.may_defer(1)),
+                                           so, b.shape());
     return std::vector<Tensor>{ga, gb};
   });
 }

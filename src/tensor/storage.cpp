@@ -3,6 +3,7 @@
 // capacity and handed out again; capacities are rounded up to powers of two
 // (small buffers) or 1/16 steps (large ones) so that sizes meet again. Each
 // capacity has its own stack, so taking and returning a buffer allocates nothing.
+// (Deferred values: deferred.cpp.)
 #include <cstdlib>
 #include <limits>
 #include <unordered_map>
@@ -49,29 +50,31 @@ Storage::Storage(std::size_t n) {
     auto it = p.free_lists.find(want);
     if (it != p.free_lists.end() && !it->second.empty()) {
       capacity = want;
-      data = it->second.back();  // the most recently freed: still in cache
+      data_ = it->second.back();  // the most recently freed: still in cache
       it->second.pop_back();
       p.cached_bytes -= capacity * sizeof(double);
       return;
     }
   }
   capacity = want;
-  data = static_cast<double*>(std::aligned_alloc(64, capacity * sizeof(double)));
-  if (data == nullptr) throw std::bad_alloc();
+  data_ = static_cast<double*>(std::aligned_alloc(64, capacity * sizeof(double)));
+  if (data_ == nullptr) throw std::bad_alloc();
 }
 
 Storage::~Storage() {
+  if (pending_values_ || has_readers_.load(std::memory_order_acquire)) forget_deferral();
+  if (!data_) return;  // deferred values never computed took no buffer
   Pool& p = pool();
   const std::size_t bytes = capacity * sizeof(double);
   {
     std::lock_guard<std::mutex> lock(p.mutex);
     if (p.cached_bytes + bytes <= kMaxPooledBytes) {
-      p.free_lists[capacity].push_back(data);
+      p.free_lists[capacity].push_back(data_);
       p.cached_bytes += bytes;
       return;
     }
   }
-  std::free(data);
+  std::free(data_);
 }
 
 }  // namespace hesse::detail

@@ -44,22 +44,46 @@ void manual_seed(std::uint64_t seed) { default_generator().seed(seed); }
 
 // ---- construction ----
 
-Tensor Tensor::empty(const Shape& shape) {
-  // a product that wraps around would give a buffer smaller than the shape says
-  if (std::find(shape.begin(), shape.end(), std::size_t(0)) == shape.end()) {
-    std::size_t numel = 1;
-    for (std::size_t d : shape) {
-      if (numel > std::numeric_limits<std::size_t>::max() / sizeof(double) / d)
-        throw ValueError(detail::message("Tensor", "shape ", to_string(shape), " has too many elements"));
-      numel *= d;
-    }
+namespace {
+// The number of elements of a shape; refuses a shape whose byte count wraps
+// around (it would get a buffer smaller than the shape says).
+std::size_t checked_numel(const Shape& shape) {
+  if (std::find(shape.begin(), shape.end(), std::size_t(0)) != shape.end()) return 0;
+  std::size_t numel = 1;
+  for (std::size_t d : shape) {
+    if (numel > std::numeric_limits<std::size_t>::max() / sizeof(double) / d)
+      throw ValueError(detail::message("Tensor", "shape ", to_string(shape), " has too many elements"));
+    numel *= d;
   }
+  return numel;
+}
+}  // namespace
+
+Tensor Tensor::empty(const Shape& shape) {
   auto impl = std::make_shared<detail::TensorImpl>();
   impl->shape = shape;
-  impl->numel = numel_of(shape);
+  impl->numel = checked_numel(shape);
   impl->storage = std::make_shared<detail::Storage>(impl->numel);
   return Tensor(std::move(impl));
 }
+
+namespace detail {
+Tensor deferred(const Shape& shape, const std::vector<Tensor>& operands,
+                std::function<void(const std::vector<Tensor>& operands, double* out)> fill) {
+  std::vector<Tensor> kept;  // detached: a pending value holds the operands' values, not their graphs
+  std::vector<Storage*> reads;
+  for (const Tensor& t : operands) {
+    kept.push_back(t.detach());
+    reads.push_back(t.impl()->storage.get());
+  }
+  auto impl = std::make_shared<TensorImpl>();
+  impl->shape = shape;
+  impl->numel = checked_numel(shape);
+  impl->storage = Storage::deferred(
+      impl->numel, [kept = std::move(kept), fill = std::move(fill)](double* out) { fill(kept, out); }, reads);
+  return Tensor(std::move(impl));
+}
+}  // namespace detail
 
 namespace {
 Tensor from_values(const Shape& shape, const double* values) {
@@ -151,11 +175,11 @@ double Tensor::item() const {
 
 const double* Tensor::data() const {
   const auto& impl = checked();
-  return impl.storage->data + impl.offset;
+  return impl.storage->read() + impl.offset;
 }
 double* Tensor::mutable_data() {
   const auto& impl = checked();
-  return impl.storage->data + impl.offset;
+  return impl.storage->write() + impl.offset;
 }
 
 bool Tensor::requires_grad() const { return checked().requires_grad; }
