@@ -132,7 +132,7 @@ int main(int argc, char** argv) {
   // 9. Third order: the gradient of the top eigenvalue, ∇λ = ∇(vᵀ H v) for its
   //    unit eigenvector v. Moving θ by ±ε along u = ∇λ / |∇λ| changes λ by
   //    about ±ε |∇λ|: check it with two more Lanczos runs.
-  const Tensor top_vector = hesse::reshape(hesse::slice(e.vectors, 0, 0, 1), {n});
+  const Tensor top_vector = hesse::reshape(hesse::slice(e.vectors, 0, 0, 1), hesse::Shape{n});
   const Tensor grad_lambda = hesse::third_order_directional(*model, loss, {x}, labels, top_vector);
   const double slope = std::sqrt(hesse::sum(grad_lambda * grad_lambda).item());
   auto top_after_moving = [&](double step) {
