@@ -645,13 +645,13 @@ BOOST_AUTO_TEST_SUITE(deferred_values)
 
 namespace {
 
-// loss = Σ tanh(X Wᵀ) with W [32, 48] and X [64, 48]: dW = δᵀ X is a
-// 32·64·48 product, large enough to be deferred.
+// loss = Σ tanh(X Wᵀ) with W [32, 64] and X [128, 64]: dW = δᵀ X is a
+// 32·128·64 product, large enough to be deferred.
 struct LargeProduct {
   Generator gen{7};
-  Tensor W = (randn(S({32, 48}), gen) * 0.2).requires_grad_();
-  Tensor X = randn(S({64, 48}), gen);
-  static constexpr std::uint64_t kFlops = 2 * 32 * 64 * 48;
+  Tensor W = (randn(S({32, 64}), gen) * 0.2).requires_grad_();
+  Tensor X = randn(S({128, 64}), gen);
+  static constexpr std::uint64_t kFlops = 2 * 32 * 128 * 64;
 
   Tensor loss() const { return sum(tanh(linear(X, W))); }
   /// dW with create_graph: deferred.

@@ -72,17 +72,17 @@ std::uint64_t gemm_flops_of(F&& f) {
   return profile::gemm_flops() - before;
 }
 
-/// hvp_large in miniature: a tanh MLP 32-16-2 under cross-entropy, batch 64.
+/// hvp_large in miniature: a tanh MLP 32-16-2 under cross-entropy, batch 512.
 /// The first-level gradient of 0.weight, δᵀ X, is a product large enough to
-/// be deferred (kDeferredFlops); that of 2.weight (2·64·16) is not.
+/// be deferred (kDeferredFlops); that of 2.weight (2·512·16) is not.
 struct MiniHvpLarge {
   Generator gen{64};
   std::shared_ptr<nn::Sequential> net = nn::mlp({32, 16, 2}, nn::Activation::Kind::tanh, gen);
-  Tensor x = randn({64, 32}, gen);
-  Tensor t = class_targets(64, 2);
+  Tensor x = randn({512, 32}, gen);
+  Tensor t = class_targets(512, 2);
   nn::CrossEntropyLoss ce;
   std::size_t n = net->num_parameters();
-  static constexpr std::uint64_t kDeferredFlops = 2 * 16 * 64 * 32;
+  static constexpr std::uint64_t kDeferredFlops = 2 * 16 * 512 * 32;
 
   /// H V for the rows of V [k, n], as hessian_vector_product takes it, but with
   /// every first-level gradient read before the second pass: nothing deferred.

@@ -242,8 +242,10 @@ void matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const Mat
   });
 }
 
-// Deferring costs a few allocations: only products far above the tiny ones gain.
-constexpr std::size_t kDeferrable = 64 * kSmallGemm;
+// Deferring costs about a microsecond of bookkeeping, paid in full when the
+// value is read at once: only products of ~10 µs and more (m·n·k ≥ 2^18) are
+// deferred, so that such a read costs a few percent at most.
+constexpr std::size_t kDeferrable = std::size_t(1) << 18;
 
 // op(A) op(B) now, or (defer) when first read: a gradient returned by grad()
 // with create_graph is often only differentiated again, never read.
