@@ -116,7 +116,8 @@ bool any_requires_grad(const Tensor* inputs, std::size_t count);
 inline bool any_requires_grad(std::initializer_list<Tensor> inputs) {
   return any_requires_grad(inputs.begin(), inputs.size());
 }
-/// Records `result` as the output of op `name` with the given inputs and rule.
+/// Records `result` as the output of op `name` with the given inputs and rule
+/// (record() calls it once it knows some input requires grad).
 Tensor record_node(const char* name, Tensor result, const Tensor* inputs, std::size_t count, BackwardRule rule,
                    bool save_output);
 

@@ -93,7 +93,6 @@ bool any_requires_grad(const Tensor* inputs, std::size_t count) {
 
 Tensor record_node(const char* name, Tensor result, const Tensor* inputs, std::size_t count, BackwardRule rule,
                    bool save_output) {
-  if (!any_requires_grad(inputs, count)) return result;
   if (!result.defined())
     throw Error(message(name, "recorded an undefined result"));
   // a bug in an op, not in user code: recording onto an input (or onto a
