@@ -52,8 +52,11 @@ struct Storage {
   /// The values for writing.
   double* write() {
     if (has_readers_.load(std::memory_order_acquire)) settle_readers();
+    ++writes_;
     return read();
   }
+  /// How many times write() was called: unchanged means the values are unchanged.
+  std::uint64_t writes() const { return writes_; }
   std::size_t capacity = 0;
 
  private:
@@ -65,6 +68,7 @@ struct Storage {
   void settle_readers();
   void forget_deferral();  // ~Storage's part for deferred values and their operands
   double* data_ = nullptr;
+  std::uint64_t writes_ = 0;
   Pending* pending_values_ = nullptr;     // owned
   std::atomic<bool> pending_{false};      // the values are still to be computed
   std::atomic<bool> has_readers_{false};  // some deferred values still have to read these

@@ -120,9 +120,8 @@ void KrylovBasis::start_random() {
 void KrylovBasis::step() {
   const std::size_t b0 = m_, pj = next_, previous = last_start_;
   if (pj == 0) throw Error(message("lanczos", "internal: step() on a basis that cannot grow"));
-  Tensor block = Tensor::empty({pj, n_});
-  std::memcpy(block.mutable_data(), row(b0), pj * n_ * sizeof(double));
-  const Tensor product = op_(block);
+  // the block is a view of its rows of the basis: rows < m_ are never written again
+  const Tensor product = op_(slice(v_, 0, std::int64_t(b0), std::int64_t(b0 + pj)));
   last_start_ = b0;
   last_size_ = pj;
   m_ = b0 + pj;
@@ -130,24 +129,31 @@ void KrylovBasis::step() {
   // The residual block W = A V_j goes right after the basis, where the next block will be.
   double* w = row_mut(m_);
   std::memcpy(w, product.data(), pj * n_ * sizeof(double));
-  for (std::size_t a = 0; a < pj; ++a) anorm_ = std::max(anorm_, norm(w + a * n_, n_));
+  double size = 0;  // of W's rows, the largest
+  for (std::size_t a = 0; a < pj; ++a) size = std::max(size, norm(w + a * n_, n_));
+  anorm_ = std::max(anorm_, size);
 
   // In exact arithmetic W only has components along V_j and V_{j-1} (the
-  // three-term recurrence): that pass is cheap and yields T_jj. What rounding
-  // leaves along the older vectors is removed by a pass against the whole
-  // basis (another when that pass removed much of W: Daniel-Gragg-Kaufman-
-  // Stewart). Reading the basis is what costs at large n, so with single
-  // vectors the pass is only made when Simon's recurrence says orthogonality
-  // is about to be lost (partial reorthogonalisation): semi-orthogonality,
-  // |v_i · v_j| ≤ √ε, keeps T's eigenvalues exact to rounding.
+  // three-term recurrence): that pass is cheap and yields T_jj, and it is
+  // repeated only when it removed much of W (Daniel-Gragg-Kaufman-Stewart:
+  // then rounding left a visible part behind). What rounding leaves along the
+  // older vectors is removed by a pass against the whole basis (another when
+  // that pass removed much of W). Reading the basis is what costs at large n,
+  // so with single vectors that pass is only made when Simon's recurrence
+  // says orthogonality is about to be lost (partial reorthogonalisation):
+  // semi-orthogonality, |v_i · v_j| ≤ √ε, keeps T's eigenvalues exact to rounding.
   std::fill(coef_.begin(), coef_.end(), 0.0);
   std::fill(coef2_.begin(), coef2_.end(), 0.0);
-  for (int pass = 0; pass < (pj == 1 ? 2 : 1); ++pass) {
+  for (int pass = 0; pass < 2; ++pass) {
     std::vector<double> c((m_ - previous) * pj);
     project_out(row(previous), m_ - previous, n_, w, pj, c.data());
     for (std::size_t i = 0; i < c.size(); ++i) coef_[previous * pj + i] += c[i];
+    const double before = size;
+    size = 0;
+    for (std::size_t a = 0; a < pj; ++a) size = std::max(size, norm(w + a * n_, n_));
+    if (size > 0.5 * before) break;
   }
-  if (pj > 1 || needs_full_pass(b0, coef_[b0], norm(w, n_)) || always_full_) {
+  if (pj > 1 || needs_full_pass(b0, coef_[b0], size) || always_full_) {
     for (int pass = 0; pass < 2; ++pass) {
       double before = 0, after = 0;
       for (std::size_t a = 0; a < pj; ++a) before = std::max(before, norm(w + a * n_, n_));
@@ -469,8 +475,9 @@ PowerIteration power_iteration(const LinearOperator& op, std::size_t steps, std:
   }
   PowerIteration out;
   out.value = cblas_ddot(int(n), v.data(), 1, av.data(), 1);
+  const double *a = av.data(), *x = v.data();
   double sum = 0;
-  for (std::size_t e = 0; e < n; ++e) sum += (av.data()[e] - out.value * v.data()[e]) * (av.data()[e] - out.value * v.data()[e]);
+  for (std::size_t e = 0; e < n; ++e) sum += (a[e] - out.value * x[e]) * (a[e] - out.value * x[e]);
   out.residual = std::sqrt(sum);
   out.vector = v;
   out.products = op.products() - products_before;

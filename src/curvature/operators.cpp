@@ -172,6 +172,9 @@ struct CurvatureOperator {
   std::vector<std::vector<std::size_t>> groups;
   std::vector<Graph> graphs;  // keep_graph: one per batch
   std::vector<double> theta;  // the parameter values the graphs were recorded at
+  // and each parameter's storage with its write count then: an unchanged count
+  // proves the values unchanged without comparing n doubles per product
+  std::vector<std::pair<std::shared_ptr<detail::Storage>, std::uint64_t>> theta_writes;
 
   // The first-level graph of one batch; the caller holds a RequestScope.
   Graph record(const Batch& batch) const {
@@ -208,21 +211,21 @@ struct CurvatureOperator {
   }
 
   /// out += scale · M V for one batch's graph M.
-  void add_product(const Graph& gr, const Tensor& V, double w, Tensor& out) const {
+  void add_product(const Graph& gr, const Tensor& V, double w, ColumnSum& out) const {
     if (gr.g.empty()) return;
     for (const auto& group : groups) {
       std::vector<Tensor> seeds;
       for (std::size_t p : group) seeds.push_back(part_of(V, sel, p));
       const std::vector<Tensor> outputs = pick(gr.g, group), wrt = pick(sel.params, group);
       if (kind == Kind::hessian) {
-        add_columns(out, sel, group, block_grad(outputs, seeds, wrt), w);
+        out.add(group, block_grad(outputs, seeds, wrt), w);
         continue;
       }
       const Tensor jv = block_grad(outputs, seeds, {gr.u})[0];  // J V: [k, z.shape]
       if (!jv.defined()) continue;
       const Tensor mjv = gr.output_curvature(jv);
       if (!mjv.defined()) continue;
-      add_columns(out, sel, group, block_grad({gr.z}, {mjv}, wrt), w);  // Jᵀ (M J V)
+      out.add(group, block_grad({gr.z}, {mjv}, wrt), w);  // Jᵀ (M J V)
     }
   }
 
@@ -235,22 +238,35 @@ struct CurvatureOperator {
       graphs.push_back(record(data[b]));
       progress.update(b + 1);
     }
-    for (const Tensor& p : sel.params) theta.insert(theta.end(), p.data(), p.data() + p.numel());
+    theta_writes.clear();
+    for (const Tensor& p : sel.params) {
+      theta.insert(theta.end(), p.data(), p.data() + p.numel());
+      theta_writes.emplace_back(p.impl()->storage, p.impl()->storage->writes());
+    }
   }
 
   /// The parameters changed since the graphs were recorded (an optimiser step, load).
-  bool stale() const {
+  bool stale() {
     if (theta.size() != sel.n) return true;
+    bool written = false;
+    for (std::size_t p = 0; p < sel.params.size(); ++p) {
+      const auto& storage = sel.params[p].impl()->storage;
+      written = written || storage != theta_writes[p].first || storage->writes() != theta_writes[p].second;
+    }
+    if (!written) return false;
+    // written to (an optimiser step, or a write of the same values): compare
     std::size_t at = 0;
     for (const Tensor& p : sel.params) {
       if (std::memcmp(p.data(), theta.data() + at, p.numel() * sizeof(double)) != 0) return true;
       at += p.numel();
     }
+    for (std::size_t p = 0; p < sel.params.size(); ++p)
+      theta_writes[p] = {sel.params[p].impl()->storage, sel.params[p].impl()->storage->writes()};
     return false;
   }
 
   Tensor apply(const Tensor& V) {
-    Tensor out = zeros({V.shape()[0], sel.n});
+    ColumnSum out(sel, V.shape()[0]);
     Progress progress(std::string(api) + ": product", data.size(), data.size() > 1);
     if (options.keep_graph) {
       if (stale()) record_all();
@@ -258,14 +274,14 @@ struct CurvatureOperator {
         add_product(graphs[b], V, scale[b], out);
         progress.update(b + 1);
       }
-      return out;
+      return out.result();
     }
     RequestScope scope(*model, sel);
     for (std::size_t b = 0; b < data.size(); ++b) {
       add_product(record(data[b]), V, scale[b], out);  // one graph alive at a time
       progress.update(b + 1);
     }
-    return out;
+    return out.result();
   }
 };
 
@@ -381,8 +397,8 @@ Tensor third_order_directional(nn::Module& model, const Criterion& criterion, co
   RequestScope scope(model, sel);
   EnableGradGuard recording;
   const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
-  Tensor out = zeros({1, sel.n});
-  if (!loss.requires_grad()) return reshape(out, Shape{sel.n});
+  ColumnSum out(sel, 1);
+  if (!loss.requires_grad()) return reshape(out.result(), Shape{sel.n});
   const std::vector<Tensor> g = recorded_grad(loss, sel.params);
   Tensor s;  // vᵀ H v (only the (P, P) blocks with block_diagonal)
   for (const auto& group : groups_of(sel, o.block_diagonal)) {
@@ -398,9 +414,9 @@ Tensor third_order_directional(nn::Module& model, const Criterion& criterion, co
     const std::vector<Tensor> d = grad({s}, sel.params, {}, go);
     std::vector<std::size_t> all(sel.params.size());
     for (std::size_t p = 0; p < all.size(); ++p) all[p] = p;
-    add_columns(out, sel, all, d, 1.0);
+    out.add(all, d, 1.0);
   }
-  return reshape(out, Shape{sel.n});
+  return reshape(out.result(), Shape{sel.n});
 }
 
 }  // namespace hesse

@@ -190,14 +190,15 @@ Tensor hessian_vector_product(nn::Module& model, const Criterion& criterion, con
   const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
   const bool batched = v.ndim() == 2;
   const Tensor vk = batched ? v : unsqueeze(v, 0);
-  Tensor out = zeros({vk.shape()[0], sel.n});
+  ColumnSum out(sel, vk.shape()[0]);
   if (loss.requires_grad()) {  // else the loss does not depend on the selection: H = 0
     std::vector<Tensor> seeds;
     std::vector<std::size_t> all;
     for (std::size_t p = 0; p < sel.params.size(); ++p) seeds.push_back(part_of(vk, sel, p)), all.push_back(p);
-    add_columns(out, sel, all, block_grad(recorded_grad(loss, sel.params), seeds, sel.params), 1.0);
+    out.add(all, block_grad(recorded_grad(loss, sel.params), seeds, sel.params), 1.0);
   }
-  return batched ? out : reshape(out, Shape{sel.n});
+  const Tensor hv = out.result();
+  return batched ? hv : reshape(hv, Shape{sel.n});
 }
 
 Tensor loss_hessian_diagonal(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,

@@ -226,17 +226,36 @@ std::vector<Tensor> recorded_grad(const Tensor& y, const std::vector<Tensor>& wr
   return grad({y}, wrt, {seed}, o);
 }
 
-void add_columns(Tensor& out, const Selection& sel, const std::vector<std::size_t>& group,
-                 const std::vector<Tensor>& grads, double scale) {
-  const std::size_t k = out.shape()[0], n = sel.n;
-  double* o = out.mutable_data();
+ColumnSum::ColumnSum(const Selection& sel, std::size_t k)
+    : sel_(sel), out_(Tensor::empty({k, sel.n})), written_(sel.params.size(), false) {}
+
+void ColumnSum::add(const std::vector<std::size_t>& group, const std::vector<Tensor>& parts, double scale) {
+  const std::size_t k = out_.shape()[0], n = sel_.n;
+  double* o = out_.mutable_data();
   for (std::size_t j = 0; j < group.size(); ++j) {
-    if (!grads[j].defined()) continue;
-    const std::size_t p = group[j], size = sel.sizes[p];
-    const double* g = grads[j].data();
-    for (std::size_t i = 0; i < k; ++i)
-      for (std::size_t c = 0; c < size; ++c) o[i * n + sel.offsets[p] + c] += scale * g[i * size + c];
+    if (!parts[j].defined()) continue;
+    const std::size_t p = group[j], size = sel_.sizes[p];
+    const double* g = parts[j].data();
+    for (std::size_t i = 0; i < k; ++i) {
+      double* row = o + i * n + sel_.offsets[p];
+      const double* part = g + i * size;
+      if (written_[p])
+        for (std::size_t c = 0; c < size; ++c) row[c] += scale * part[c];
+      else
+        for (std::size_t c = 0; c < size; ++c) row[c] = scale * part[c];
+    }
+    written_[p] = true;
   }
+}
+
+Tensor ColumnSum::result() {
+  const std::size_t k = out_.shape()[0], n = sel_.n;
+  double* o = out_.mutable_data();
+  for (std::size_t p = 0; p < written_.size(); ++p)
+    if (!written_[p])
+      for (std::size_t i = 0; i < k; ++i) std::fill_n(o + i * n + sel_.offsets[p], sel_.sizes[p], 0.0);
+  std::fill(written_.begin(), written_.end(), true);
+  return out_;
 }
 
 std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target) {

@@ -94,9 +94,22 @@ std::vector<Tensor> block_grad(const std::vector<Tensor>& outputs, const std::ve
 /// differentiated again; `batched`: the seed has extra leading dimensions.
 std::vector<Tensor> recorded_grad(const Tensor& y, const std::vector<Tensor>& wrt, const Tensor& seed = Tensor(),
                                   bool batched = false);
-/// out[:, columns of group[j]] += scale · grads[j] ([k, P.shape] each; undefined = zero).
-void add_columns(Tensor& out, const Selection& sel, const std::vector<std::size_t>& group,
-                 const std::vector<Tensor>& grads, double scale);
+/// A block [k, n] summed from per-parameter parts: the first part given for a
+/// parameter is copied into its columns, later ones are added, and columns no
+/// part reached are zero in result(). (Filling with zeros and adding would
+/// pass over every column once more.)
+class ColumnSum {
+ public:
+  ColumnSum(const Selection& sel, std::size_t k);
+  /// columns of group[j] += scale · parts[j] ([k, P.shape] each; undefined = zero).
+  void add(const std::vector<std::size_t>& group, const std::vector<Tensor>& parts, double scale);
+  Tensor result();
+
+ private:
+  const Selection& sel_;
+  Tensor out_;
+  std::vector<bool> written_;
+};
 
 /// The batch size shared by every input (and the target, when defined).
 std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target = Tensor());

@@ -10,7 +10,8 @@ namespace {
 
 Tensor uniform(const Shape& shape, double bound, Generator& gen) {
   Tensor t = Tensor::empty(shape);
-  for (std::size_t i = 0; i < t.numel(); ++i) t.mutable_data()[i] = gen.uniform(-bound, bound);
+  double* out = t.mutable_data();
+  for (std::size_t i = 0; i < t.numel(); ++i) out[i] = gen.uniform(-bound, bound);
   return t;
 }
 

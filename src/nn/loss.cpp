@@ -198,7 +198,8 @@ Tensor huber_loss(const Tensor& input, const Tensor& target, const HuberOptions&
   const Tensor d = input - target;
   const Tensor a = abs(d);
   std::vector<double> inside(d.numel());
-  for (std::size_t i = 0; i < inside.size(); ++i) inside[i] = a.data()[i] < delta ? 1.0 : 0.0;
+  const double* size = a.data();
+  for (std::size_t i = 0; i < inside.size(); ++i) inside[i] = size[i] < delta ? 1.0 : 0.0;
   const Tensor m = filled(d.shape(), inside);
   const Tensor loss = m * (square(d) * 0.5) + (1.0 - m) * ((a - 0.5 * delta) * delta);
   return reduce(loss, options.reduction);
@@ -228,8 +229,9 @@ Tensor gaussian_nll_loss(const Tensor& input, const Tensor& target, const Tensor
   // does the same.
   std::vector<double> lift(v.numel());
   bool lifted = false;
+  const double* values = v.data();
   for (std::size_t i = 0; i < lift.size(); ++i) {
-    const double x = v.data()[i];
+    const double x = values[i];
     if (!(x >= 0.0))
       throw ValueError(message(op, "var has a negative or NaN entry ", x, " at position ", i, " (var of shape ",
                                to_string(var.shape()), ")"));

@@ -333,19 +333,22 @@ Tensor arange(double start, double stop, double step) {
                                      " elements"));
   const std::size_t n = count > 0 ? static_cast<std::size_t>(count) : 0;
   Tensor t = Tensor::empty({n});
-  for (std::size_t i = 0; i < n; ++i) t.mutable_data()[i] = start + step * static_cast<double>(i);
+  double* out = t.mutable_data();
+  for (std::size_t i = 0; i < n; ++i) out[i] = start + step * static_cast<double>(i);
   return t;
 }
 
 Tensor rand(const Shape& shape, Generator& gen) {
   Tensor t = Tensor::empty(shape);
-  for (std::size_t i = 0; i < t.numel(); ++i) t.mutable_data()[i] = gen.uniform();
+  double* out = t.mutable_data();
+  for (std::size_t i = 0; i < t.numel(); ++i) out[i] = gen.uniform();
   return t;
 }
 
 Tensor randn(const Shape& shape, Generator& gen) {
   Tensor t = Tensor::empty(shape);
-  for (std::size_t i = 0; i < t.numel(); ++i) t.mutable_data()[i] = gen.normal();
+  double* out = t.mutable_data();
+  for (std::size_t i = 0; i < t.numel(); ++i) out[i] = gen.normal();
   return t;
 }
 
