@@ -77,6 +77,41 @@ void project_out(const double* v, std::size_t m, std::size_t n, double* w, std::
               w, int(n));
 }
 
+// v · p, u · p and p · p in one read of the three (u may be null: 0).
+void three_dots(const double* p, const double* v, const double* u, std::size_t n, double& vp, double& up,
+                double& pp) {
+  double a[4] = {}, b[4] = {}, c[4] = {};  // four lanes each: the loop vectorises
+  std::size_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (std::size_t l = 0; l < 4; ++l) {
+      a[l] += v[i + l] * p[i + l];
+      b[l] += (u ? u[i + l] : 0.0) * p[i + l];
+      c[l] += p[i + l] * p[i + l];
+    }
+  for (; i < n; ++i) a[0] += v[i] * p[i], b[0] += (u ? u[i] : 0.0) * p[i], c[0] += p[i] * p[i];
+  vp = (a[0] + a[1]) + (a[2] + a[3]);
+  up = (b[0] + b[1]) + (b[2] + b[3]);
+  pp = (c[0] + c[1]) + (c[2] + c[3]);
+}
+
+// w = scale (p − α v − γ u) (u may be null); returns ‖w‖².
+double combine(const double* p, double alpha, const double* v, double gamma, const double* u, double scale,
+               std::size_t n, double* w) {
+  double s[4] = {};
+  std::size_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (std::size_t l = 0; l < 4; ++l) {
+      const double x = scale * (p[i + l] - alpha * v[i + l] - (u ? gamma * u[i + l] : 0.0));
+      w[i + l] = x;
+      s[l] += x * x;
+    }
+  for (; i < n; ++i) {
+    w[i] = scale * (p[i] - alpha * v[i] - (u ? gamma * u[i] : 0.0));
+    s[0] += w[i] * w[i];
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
 }  // namespace
 
 // √(x · x): OpenBLAS's dnrm2 guards against overflow with a scaled loop that
@@ -127,12 +162,6 @@ void KrylovBasis::step() {
   m_ = b0 + pj;
 
   // The residual block W = A V_j goes right after the basis, where the next block will be.
-  double* w = row_mut(m_);
-  std::memcpy(w, product.data(), pj * n_ * sizeof(double));
-  double size = 0;  // of W's rows, the largest
-  for (std::size_t a = 0; a < pj; ++a) size = std::max(size, norm(w + a * n_, n_));
-  anorm_ = std::max(anorm_, size);
-
   // In exact arithmetic W only has components along V_j and V_{j-1} (the
   // three-term recurrence): that pass is cheap and yields T_jj, and it is
   // repeated only when it removed much of W (Daniel-Gragg-Kaufman-Stewart:
@@ -142,18 +171,60 @@ void KrylovBasis::step() {
   // so with single vectors that pass is only made when Simon's recurrence
   // says orthogonality is about to be lost (partial reorthogonalisation):
   // semi-orthogonality, |v_i · v_j| ≤ √ε, keeps T's eigenvalues exact to rounding.
+  double* w = row_mut(m_);
   std::fill(coef_.begin(), coef_.end(), 0.0);
   std::fill(coef2_.begin(), coef2_.end(), 0.0);
-  for (int pass = 0; pass < 2; ++pass) {
-    std::vector<double> c((m_ - previous) * pj);
-    project_out(row(previous), m_ - previous, n_, w, pj, c.data());
-    for (std::size_t i = 0; i < c.size(); ++i) coef_[previous * pj + i] += c[i];
-    const double before = size;
-    size = 0;
+  double size = 0;          // of W's rows, the largest
+  bool full = pj > 1;       // a pass against the whole basis
+  bool normalized = false;  // W is already the next basis vector
+  if (pj == 1) {
+    // Single vectors, the common case, in two reads of memory: the three dot
+    // products, then W written scaled. When the local pass removes less than
+    // 3/4 of ‖A v‖², one pass is enough (DGKS) and Pythagoras gives ‖W‖ to
+    // rounding before W is written.
+    const double* vj = row(b0);
+    const double* vp = previous < b0 ? row(previous) : nullptr;
+    double alpha = 0, gamma = 0, pp = 0;
+    three_dots(product.data(), vj, vp, n_, alpha, gamma, pp);
+    anorm_ = std::max(anorm_, std::sqrt(pp));
+    coef_[b0] = alpha;
+    if (vp) coef_[previous] = gamma;
+    const double left = pp - alpha * alpha - gamma * gamma;
+    const bool one_pass = left > 0.25 * pp;
+    if (one_pass) {
+      size = std::sqrt(left);
+      full = needs_full_pass(b0, alpha, size) || always_full_;
+      normalized = !full && size > 1e-12 * anorm_ && m_ < n_;
+    }
+    const double written = combine(product.data(), alpha, vj, gamma, vp, normalized ? 1.0 / size : 1.0, n_, w);
+    if (normalized) {
+      const double length = std::sqrt(written);  // 1 to rounding
+      if (std::abs(length - 1.0) > 1e-12) cblas_dscal(int(n_), 1.0 / length, w, 1);
+      size *= length;
+    } else if (one_pass) {
+      size = std::sqrt(written);
+    } else {
+      std::vector<double> c(m_ - previous);
+      project_out(row(previous), m_ - previous, n_, w, 1, c.data());
+      for (std::size_t i = 0; i < c.size(); ++i) coef_[previous + i] += c[i];
+      size = norm(w, n_);
+      full = needs_full_pass(b0, coef_[b0], size) || always_full_;
+    }
+  } else {
+    std::memcpy(w, product.data(), pj * n_ * sizeof(double));
     for (std::size_t a = 0; a < pj; ++a) size = std::max(size, norm(w + a * n_, n_));
-    if (size > 0.5 * before) break;
+    anorm_ = std::max(anorm_, size);
+    for (int pass = 0; pass < 2; ++pass) {
+      std::vector<double> c((m_ - previous) * pj);
+      project_out(row(previous), m_ - previous, n_, w, pj, c.data());
+      for (std::size_t i = 0; i < c.size(); ++i) coef_[previous * pj + i] += c[i];
+      const double before = size;
+      size = 0;
+      for (std::size_t a = 0; a < pj; ++a) size = std::max(size, norm(w + a * n_, n_));
+      if (size > 0.5 * before) break;
+    }
   }
-  if (pj > 1 || needs_full_pass(b0, coef_[b0], size) || always_full_) {
+  if (full) {
     for (int pass = 0; pass < 2; ++pass) {
       double before = 0, after = 0;
       for (std::size_t a = 0; a < pj; ++a) before = std::max(before, norm(w + a * n_, n_));
@@ -179,7 +250,9 @@ void KrylovBasis::step() {
   // W = L Q: the next block. A residual row of size ~rounding carries no
   // direction: it is dropped and, if allowed, replaced by a random vector
   // orthogonal to everything so far (its coupling to block j is zero).
-  const std::size_t kept = orthonormalize_block(pj, 1e-12 * anorm_);
+  std::size_t kept = 1;
+  if (normalized) l_[0] = size;
+  else kept = orthonormalize_block(pj, 1e-12 * anorm_);
   broke_ = kept == 0;  // an invariant subspace: T splits here
   std::size_t rows = kept;
   if (restart_ && m_ < capacity_)
