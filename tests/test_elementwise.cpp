@@ -247,6 +247,44 @@ BOOST_AUTO_TEST_CASE(unary_stable_for_large_entries) {
   }
 }
 
+BOOST_AUTO_TEST_CASE(tanh_within_3_ulp_of_libm) {
+  // hesse's tanh is its own vectorised polynomial: compare it with libm's over
+  // magnitudes from 1e-300 to beyond saturation, both signs, and a dense grid
+  // around the branch points of the range reduction (k = 0, 1, 2 ...).
+  std::vector<double> values;
+  for (double e = -300; e <= 2; e += 0.01) values.push_back(std::pow(10.0, e));
+  for (double v = 0; v <= 25; v += 1.0 / 4096) values.push_back(v);
+  for (int k = 1; k < 64; ++k) {
+    const double edge = k * std::log(2.0) / 2;  // 2|x| = k ln 2
+    for (double d = -1e-12; d <= 1e-12; d += 1e-14) values.push_back(edge + d);
+  }
+  const std::size_t half = values.size();
+  for (std::size_t i = 0; i < half; ++i) values.push_back(-values[i]);
+  Tensor x = Tensor::empty({values.size()});
+  std::copy(values.begin(), values.end(), x.mutable_data());
+  const Tensor t = hesse::tanh(x);
+  double worst = 0;
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    const double want = std::tanh(values[i]), got = t.data()[i];
+    const double ulp = std::nextafter(std::fabs(want), INFINITY) - std::fabs(want);
+    worst = std::max(worst, std::fabs(got - want) / ulp);
+    if (std::signbit(got) != std::signbit(want)) BOOST_ERROR("tanh(" << values[i] << ") has the wrong sign");
+  }
+  BOOST_TEST_MESSAGE("tanh: worst error " << worst << " ulp");
+  BOOST_CHECK_LE(worst, 3.0);
+  // special values, as libm gives them
+  const Tensor s = hesse::tanh(Tensor{0.0, -0.0, 1e-310, -1e-310, 22.0, -700.0, INFINITY, -INFINITY, NAN});
+  BOOST_CHECK(s.data()[0] == 0.0 && !std::signbit(s.data()[0]));
+  BOOST_CHECK(s.data()[1] == 0.0 && std::signbit(s.data()[1]));
+  BOOST_CHECK_EQUAL(s.data()[2], 1e-310);
+  BOOST_CHECK_EQUAL(s.data()[3], -1e-310);
+  BOOST_CHECK_EQUAL(s.data()[4], 1.0);
+  BOOST_CHECK_EQUAL(s.data()[5], -1.0);
+  BOOST_CHECK_EQUAL(s.data()[6], 1.0);
+  BOOST_CHECK_EQUAL(s.data()[7], -1.0);
+  BOOST_CHECK(std::isnan(s.data()[8]));
+}
+
 BOOST_AUTO_TEST_CASE(unary_derivatives_closed_forms) {
   Generator gen(8);
   const Tensor x = away_from_zero({3, 4}, gen).detach();

@@ -2,6 +2,8 @@
 // Rules receive gradients with extra leading batch dims and use only
 // differentiable ops, so they can be differentiated again.
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "../detail.hpp"
 
@@ -260,11 +262,56 @@ Tensor sigmoid_backward(const Tensor& g, const Tensor& y) {
   });
 }
 
+// Loops over whole arrays of plain arithmetic get a copy for AVX2 machines,
+// picked at load time; comparisons that may not trap let them vectorise.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HESSE_VECTORISED __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("no-trapping-math")))
+#else
+#define HESSE_VECTORISED
+#endif
+
+// tanh x = e / (e + 2) with e = expm1(2|x|) = 2^k (expm1(r) + 1) − 1, where
+// k = ⌊2|x| / ln 2⌋ and r ∈ [0, ln 2) (so nothing cancels), expm1(r) by its
+// Taylor series to r¹⁷. Branch-free, so the loop vectorises: libm's tanh does
+// not and was most of a small MLP's forward pass. Within 3 ulp of libm (tested).
+inline __attribute__((always_inline)) double tanh_value(double x) {
+  const double ax = std::fabs(x);
+  const double a = ax > 22.0 ? 22.0 : ax;  // tanh 22 rounds to 1; NaN stays NaN
+  const double u = 2.0 * a;
+  constexpr double inv_ln2 = 1.4426950408889634, ln2_hi = 6.93147180369123816490e-01,
+                   ln2_lo = 1.90821492927058770002e-10;
+  constexpr double shifter = 0x1.8p52;  // adding it rounds to an integer, kept in the low bits
+  const double kd = (u * inv_ln2 - 0.5) + shifter;
+  const double k = kd - shifter;
+  const double r = (u - k * ln2_hi) - k * ln2_lo;  // Cody-Waite: ln 2 in two parts
+  constexpr double inverse_factorials[] = {1.0 / 355687428096000.0, 1.0 / 20922789888000.0, 1.0 / 1307674368000.0,
+                                           1.0 / 87178291200.0,     1.0 / 6227020800.0,     1.0 / 479001600.0,
+                                           1.0 / 39916800.0,        1.0 / 3628800.0,        1.0 / 362880.0,
+                                           1.0 / 40320.0,           1.0 / 5040.0,           1.0 / 720.0,
+                                           1.0 / 120.0,             1.0 / 24.0,             1.0 / 6.0,
+                                           0.5};
+  double p = inverse_factorials[0];
+  for (std::size_t i = 1; i < 16; ++i) p = p * r + inverse_factorials[i];
+  const double expm1_r = r + r * r * p;
+  std::uint64_t bits;
+  std::memcpy(&bits, &kd, sizeof bits);
+  bits = (bits + 1023) << 52;  // the double 2^k
+  double two_k;
+  std::memcpy(&two_k, &bits, sizeof two_k);
+  const double e = two_k * expm1_r + (two_k - 1.0);
+  return std::copysign(e / (e + 2.0), x);
+}
+
+HESSE_VECTORISED void tanh_kernel(const double* x, double* y, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) y[i] = tanh_value(x[i]);
+}
+
 }  // namespace
 
 // tanh' = 1 - tanh²
 Tensor tanh(const Tensor& x) {
-  Tensor out = map_unary(x, [](double v) { return std::tanh(v); });
+  Tensor out = make(x.shape());
+  tanh_kernel(x.data(), out.mutable_data(), x.numel());
   return record(
       "tanh", out, {x},
       [](const Tensor& g, const Tensor& out, Needs) { return std::vector<Tensor>{tanh_backward(g, out)}; }, true);
