@@ -106,6 +106,19 @@ BOOST_AUTO_TEST_CASE(sum_values) {
   CHECK_CLOSE(sum(x, {0, -1}), Tensor(xs), 1e-13);
 }
 
+BOOST_AUTO_TEST_CASE(sum_of_long_rows_every_remainder) {
+  // long rows are summed in four interleaved lanes plus a tail: every length
+  // mod 4, whole-tensor and per-row, against exact integer sums
+  for (std::size_t n : {1001u, 1002u, 1003u, 1004u, 3u}) {
+    const Tensor x = arange(0.0, double(n));
+    BOOST_CHECK_EQUAL(sum(x).item(), double(n * (n - 1) / 2));
+    const Tensor rows = reshape(arange(0.0, double(3 * n)), {3, n});
+    const Tensor per_row = sum(rows, {1});
+    for (std::size_t r = 0; r < 3; ++r)
+      BOOST_CHECK_EQUAL(per_row.data()[r], double(n * (r * n) + n * (n - 1) / 2));
+  }
+}
+
 BOOST_AUTO_TEST_CASE(sum_edge_shapes) {
   Generator gen(2);
   // size-1 axes among the reduced and kept ones
