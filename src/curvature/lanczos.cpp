@@ -542,8 +542,10 @@ PowerIteration power_iteration(const LinearOperator& op, std::size_t steps, std:
   for (std::size_t i = 1; i < steps; ++i) {
     const double size = detail::norm(av.data(), n);
     if (!(size > 0)) break;  // A v = 0: v is an eigenvector of 0
-    v = av.clone();
-    cblas_dscal(int(n), 1.0 / size, v.mutable_data(), 1);
+    v = Tensor::empty({n});  // av / ‖av‖ in one pass (a clone, then a scale, would be two)
+    const double* a = av.data();
+    double* x = v.mutable_data();
+    for (std::size_t e = 0; e < n; ++e) x[e] = a[e] / size;
     av = op(v);
   }
   PowerIteration out;
