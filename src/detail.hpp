@@ -86,6 +86,11 @@ inline Shape concat_shape(const Shape& batch, const Shape& shape) {
 /// gradient's leading batch dimensions.
 Tensor reduce_grad(const Tensor& grad, const Shape& output_shape, const Shape& input_shape);
 
+/// dst[c][r] = src[r][c] for a rows × cols matrix; rows are src_stride and
+/// dst_stride elements apart (linalg.cpp).
+void transpose_into(const double* src, std::size_t src_stride, std::size_t rows, std::size_t cols, double* dst,
+                    std::size_t dst_stride);
+
 }  // namespace hesse::detail
 
 namespace hesse::detail {

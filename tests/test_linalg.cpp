@@ -5,6 +5,7 @@
 #include <cmath>
 #include <functional>
 #include <string>
+#include <numeric>
 #include <vector>
 
 #include <xtensor/xarray.hpp>
@@ -190,6 +191,21 @@ BOOST_AUTO_TEST_CASE(transpose_and_permute_values) {
   CHECK_CLOSE(permute(t4, {3, 1, 0, 2}), reference_permute(t4, {3, 1, 0, 2}), 0.0);
   CHECK_CLOSE(permute(t4, {3, 1, 0, 2}),
               Tensor(xt::xarray<double>(xt::transpose(t4.value(), {3, 1, 0, 2}))), 0.0);
+}
+
+BOOST_AUTO_TEST_CASE(transposes_of_every_size_class) {
+  // Matrix transposes run four rows at a time over bands of 64 columns: rows
+  // below, at and above multiples of 4, columns across a band's edge, batches,
+  // and empty matrices.
+  Generator gen(41);
+  for (const Shape& s : {Shape{1, 1}, Shape{3, 2}, Shape{4, 4}, Shape{5, 7}, Shape{9, 64}, Shape{8, 65},
+                         Shape{13, 130}, Shape{130, 13}, Shape{3, 6, 5}, Shape{2, 2, 4, 9}, Shape{2, 0, 3}}) {
+    const Tensor x = randn(s, gen);
+    std::vector<std::size_t> perm(s.size());
+    std::iota(perm.begin(), perm.end(), std::size_t(0));
+    std::swap(perm[s.size() - 2], perm[s.size() - 1]);
+    CHECK_CLOSE(transpose(x), reference_permute(x, perm), 0.0);
+  }
 }
 
 BOOST_AUTO_TEST_CASE(transpose_and_permute_gradients) {

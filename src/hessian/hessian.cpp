@@ -46,19 +46,13 @@ RowSink dict_sink(HessianDict& d, std::size_t base, const Selection& sel) {
   };
 }
 
-// Block (q, p) = block (p, q)ᵀ for every p < q of an n × n matrix, in tiles
-// that stay in cache: writing a transposed row strides across the whole
-// matrix, one cache line (and for large n one page) per value.
+// Block (q, p) = block (p, q)ᵀ for every p < q of an n × n matrix.
 void mirror_upper_blocks(double* m, const Selection& sel) {
-  constexpr std::size_t tile = 32;
   const std::size_t n = sel.n;
   for (std::size_t p = 0; p < sel.params.size(); ++p)
     for (std::size_t q = p + 1; q < sel.params.size(); ++q)
-      for (std::size_t r0 = 0; r0 < sel.sizes[p]; r0 += tile)
-        for (std::size_t c0 = 0; c0 < sel.sizes[q]; c0 += tile)
-          for (std::size_t r = r0; r < std::min(r0 + tile, sel.sizes[p]); ++r)
-            for (std::size_t c = c0; c < std::min(c0 + tile, sel.sizes[q]); ++c)
-              m[(sel.offsets[q] + c) * n + sel.offsets[p] + r] = m[(sel.offsets[p] + r) * n + sel.offsets[q] + c];
+      detail::transpose_into(m + sel.offsets[p] * n + sel.offsets[q], n, sel.sizes[p], sel.sizes[q],
+                             m + sel.offsets[q] * n + sel.offsets[p], n);
 }
 
 HessianDict empty_dict(const Selection& sel, const Shape& lead, bool diagonal_only) {

@@ -262,8 +262,17 @@ Tensor permute(const Tensor& x, const std::vector<int>& axes) {
   Tensor out = make(shape);
   const double* in = x.data();
   double* o = out.mutable_data();
-  detail::for_each_broadcast(shape, strides, Shape(n, 0),
-                             [&](std::size_t io, std::size_t ia, std::size_t) { o[io] = in[ia]; });
+  bool matrix_transposes = perm[n - 1] == n - 2 && perm[n - 2] == n - 1;  // the common case: transpose()
+  for (std::size_t i = 0; i + 2 < n; ++i) matrix_transposes = matrix_transposes && perm[i] == i;
+  if (matrix_transposes) {
+    const std::size_t rows = x.shape()[n - 2], cols = x.shape()[n - 1];
+    const std::size_t batches = rows * cols > 0 ? x.numel() / (rows * cols) : 0;
+    for (std::size_t b = 0; b < batches; ++b)
+      detail::transpose_into(in + b * rows * cols, cols, rows, cols, o + b * rows * cols, rows);
+  } else {
+    detail::for_each_broadcast(shape, strides, Shape(n, 0),
+                               [&](std::size_t io, std::size_t ia, std::size_t) { o[io] = in[ia]; });
+  }
   return record("permute", out, {x}, [perm, n](const Tensor& g, const Tensor&, Needs) {
     const std::size_t b = g.ndim() - n;
     std::vector<int> inverse(g.ndim());
