@@ -90,6 +90,8 @@ Tensor reduce_grad(const Tensor& grad, const Shape& output_shape, const Shape& i
 /// dst_stride elements apart (linalg.cpp).
 void transpose_into(const double* src, std::size_t src_stride, std::size_t rows, std::size_t cols, double* dst,
                     std::size_t dst_stride);
+/// dst[i] = src[i]ᵀ for `batches` contiguous row-major rows × cols matrices.
+void transpose_each(const double* src, std::size_t batches, std::size_t rows, std::size_t cols, double* dst);
 
 }  // namespace hesse::detail
 

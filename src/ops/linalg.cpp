@@ -55,11 +55,14 @@ constexpr std::size_t kSmallGemm = 512;  // m·n·k up to which a plain loop bea
 template <bool TA, bool TB>
 void small_gemm(const MatmulDims& d, const double* a, const double* b, double* c) {
   const std::size_t m = d.m, n = d.n, k = d.k;
-  if (TB) {  // rows of B are contiguous in p: dot products
+  // rows of B contiguous in p, or products so small (2 × 2 matrices) that the
+  // vectorised axpy loop's set-up outweighs its work: dot products
+  if (TB || m * n * k <= 64) {
     for (std::size_t i = 0; i < m; ++i)
       for (std::size_t j = 0; j < n; ++j) {
         double acc = 0.0;
-        for (std::size_t p = 0; p < k; ++p) acc += (TA ? a[p * m + i] : a[i * k + p]) * b[j * k + p];
+        for (std::size_t p = 0; p < k; ++p)
+          acc += (TA ? a[p * m + i] : a[i * k + p]) * (TB ? b[j * k + p] : b[p * n + j]);
         c[i * n + j] = acc;
       }
     return;
@@ -129,12 +132,6 @@ void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* 
               int(d.k), 1.0, a, ta ? int(d.m) : int(d.k), b, tb ? int(d.k) : int(d.n), 0.0, c, int(d.n));
 }
 
-// dst[i] = src[i]ᵀ for `batches` row-major rows × cols matrices.
-void transpose_each(const double* src, std::size_t batches, std::size_t rows, std::size_t cols, double* dst) {
-  for (std::size_t i = 0; i < batches; ++i)
-    detail::transpose_into(src + i * rows * cols, cols, rows, cols, dst + i * rows * cols, rows);
-}
-
 // C[i] = op(A) op(B[i]) for a batch of B's and one A, as one folded GEMM
 // (k small GEMMs run ~3× slower than one of the same work):
 //   tb:  stack op(B[i])ᵀ = B[i] as rows, D = [B[0]; B[1]; ...] op(A)ᵀ, C[i] = D[i]ᵀ
@@ -151,7 +148,7 @@ void matmul_shared_a(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
   if (tb) {
     MatmulDims folded{batches * n, k, m, {}};
     gemm(false, !ta, folded, b.data(), a.data(), tmp);  // [batches·n, m]
-    transpose_each(tmp, batches, n, m, c);
+    detail::transpose_each(tmp, batches, n, m, c);
     return;
   }
   Tensor side_t = Tensor::empty({k * batches * n});  // [k, batches, n]
@@ -212,7 +209,7 @@ void matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const Mat
   if (a_batched && !b_batched && numel_of(lead(a.shape())) == batches) {
     // C[i] = A[i]ᵀ op(B): transpose each A[i] once, then fold as above
     Tensor at = Tensor::empty({batches * a_mat});
-    transpose_each(a.data(), batches, d.k, d.m, at.mutable_data());
+    detail::transpose_each(a.data(), batches, d.k, d.m, at.mutable_data());
     MatmulDims folded = d;
     folded.m = d.m * batches;
     return gemm(false, tb, folded, at.data(), b.data(), c);
@@ -383,6 +380,17 @@ void transpose_into(const double* src, std::size_t src_stride, std::size_t rows,
     }
   for (; r < rows; ++r)  // the last rows % 4 (all of them for short matrices)
     for (std::size_t c = 0; c < cols; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
+}
+
+void transpose_each(const double* src, std::size_t batches, std::size_t rows, std::size_t cols, double* dst) {
+  const std::size_t size = rows * cols;
+  if (rows < 4) {  // short matrices (2 × 2 ones by the hundred): one flat loop
+    for (std::size_t i = 0; i < batches; ++i)
+      for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t c = 0; c < cols; ++c) dst[i * size + c * rows + r] = src[i * size + r * cols + c];
+    return;
+  }
+  for (std::size_t i = 0; i < batches; ++i) transpose_into(src + i * size, cols, rows, cols, dst + i * size, rows);
 }
 
 }  // namespace detail

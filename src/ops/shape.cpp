@@ -266,9 +266,7 @@ Tensor permute(const Tensor& x, const std::vector<int>& axes) {
   for (std::size_t i = 0; i + 2 < n; ++i) matrix_transposes = matrix_transposes && perm[i] == i;
   if (matrix_transposes) {
     const std::size_t rows = x.shape()[n - 2], cols = x.shape()[n - 1];
-    const std::size_t batches = rows * cols > 0 ? x.numel() / (rows * cols) : 0;
-    for (std::size_t b = 0; b < batches; ++b)
-      detail::transpose_into(in + b * rows * cols, cols, rows, cols, o + b * rows * cols, rows);
+    if (rows * cols > 0) detail::transpose_each(in, x.numel() / (rows * cols), rows, cols, o);
   } else {
     detail::for_each_broadcast(shape, strides, Shape(n, 0),
                                [&](std::size_t io, std::size_t ia, std::size_t) { o[io] = in[ia]; });
