@@ -7,6 +7,7 @@
 #include <vector>
 
 #include <boost/test/unit_test.hpp>
+#include <xtensor/xarray.hpp>  // tests build reference values as xtensor arrays
 
 #include "hesse/hesse.hpp"
 #include "hesse/profile.hpp"

@@ -7,8 +7,6 @@
 // Every failure throws hesse::IoError naming the path.
 #include <string>
 
-#include <xtensor/xarray.hpp>
-
 #include "hesse/tensor.hpp"
 
 namespace hesse {

@@ -12,7 +12,11 @@
 #include <string>
 #include <vector>
 
-#include <xtensor/xarray.hpp>
+// Shape is an xtensor small vector; xt::xarray is only declared here (the
+// full header costs ~0.7 s per file that includes it): include
+// <xtensor/xarray.hpp> to call Tensor(xt::xarray) or value().
+#include <xtensor/xstorage.hpp>
+#include <xtensor/xtensor_forward.hpp>
 
 #include "hesse/error.hpp"
 
