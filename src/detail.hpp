@@ -19,6 +19,45 @@ void release_node(std::shared_ptr<Node>&& node);
 /// A fresh tensor with pooled, uninitialised storage.
 inline Tensor make(const Shape& shape) { return Tensor::empty(shape); }
 
+// Per-thread state read by every op: initial-exec TLS is a fixed offset from
+// the thread pointer, not a call to __tls_get_addr per access (hesse's
+// thread-locals are a few hundred bytes of static TLS).
+#define HESSE_FAST_TLS __attribute__((tls_model("initial-exec")))
+
+// Blocks of one size recycled per thread. Tensors, storages and nodes are made
+// and dropped by the hundred for every small Hessian, in bursts larger than
+// malloc's per-thread cache (7 blocks a size): past it, every free and malloc
+// takes glibc's slow path. Blocks freed on another thread join that thread's
+// cache; a cache keeps at most kMaxCachedBlocks and frees them when its thread ends.
+void* take_block(std::size_t size);
+void give_block(void* block, std::size_t size);
+
+template <class T>
+struct CachedAllocator {
+  using value_type = T;
+  CachedAllocator() = default;
+  template <class U>
+  CachedAllocator(const CachedAllocator<U>&) {}
+  static_assert(alignof(T) <= alignof(std::max_align_t), "recycled blocks have the default alignment");
+  T* allocate(std::size_t n) {
+    return n == 1 ? static_cast<T*>(take_block(sizeof(T))) : std::allocator<T>().allocate(n);
+  }
+  void deallocate(T* p, std::size_t n) {
+    if (n == 1) give_block(p, sizeof(T));
+    else std::allocator<T>().deallocate(p, n);
+  }
+  template <class U>
+  bool operator==(const CachedAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const CachedAllocator<U>&) const { return false; }
+};
+
+/// std::make_shared with the object and its count in a recycled block.
+template <class T, class... Args>
+std::shared_ptr<T> make_cached(Args&&... args) {
+  return std::allocate_shared<T>(CachedAllocator<T>(), std::forward<Args>(args)...);
+}
+
 /// A tensor whose values fill(operands, out) computes on first access, for a
 /// result that may never be read (a gradient whose graph alone is used). Until
 /// then it holds the operands' values (not their graphs); a write to an operand
@@ -28,7 +67,7 @@ Tensor deferred(const Shape& shape, const std::vector<Tensor>& operands,
 
 /// The same storage under another shape of equal size (nothing recorded).
 inline Tensor with_shape(const Tensor& t, const Shape& shape) {
-  auto impl = std::make_shared<TensorImpl>();
+  auto impl = make_cached<TensorImpl>();
   impl->shape = shape;
   impl->numel = t.numel();
   impl->storage = t.impl()->storage;

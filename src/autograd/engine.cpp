@@ -14,7 +14,7 @@
 namespace hesse {
 namespace {
 
-thread_local bool grad_enabled = true;
+thread_local bool grad_enabled HESSE_FAST_TLS = true;
 std::atomic<std::uint64_t> next_sequence{1};
 std::atomic<std::uint64_t> next_epoch{1};
 
@@ -71,8 +71,8 @@ Node::~Node() {
 namespace detail {
 
 void release_node(std::shared_ptr<Node>&& node) {
-  thread_local std::vector<std::shared_ptr<Node>> pending;
-  thread_local bool draining = false;
+  thread_local std::vector<std::shared_ptr<Node>> pending HESSE_FAST_TLS;
+  thread_local bool draining HESSE_FAST_TLS = false;
   pending.push_back(std::move(node));
   if (draining) return;
   draining = true;
@@ -103,7 +103,7 @@ Tensor record_node(const char* name, Tensor result, const Tensor* inputs, std::s
   for (std::size_t i = 0; i < count; ++i)
     if (inputs[i].defined() && inputs[i].impl() == result.impl())
       throw Error(message(name, "result is one of its own inputs; an op must record a fresh tensor"));
-  auto node = std::make_shared<Node>();
+  auto node = detail::make_cached<Node>();
   node->name = name;
   node->sequence = next_sequence++;
   node->output_shape = result.shape();
@@ -304,7 +304,7 @@ class Pass {
 
   static Tensor saved_output(Node* n) {
     if (!n->save_output) return Tensor();
-    auto impl = std::make_shared<detail::TensorImpl>();
+    auto impl = detail::make_cached<detail::TensorImpl>();
     impl->shape = n->output_shape;
     impl->numel = numel_of(n->output_shape);
     impl->storage = n->saved_output;

@@ -49,7 +49,7 @@ Tensor select_positions(const char* op, const Tensor& x, int axis_from_end, Posi
   const std::size_t m = pos.size();
   shape[ax] = m;
   if (outer == 1 && pos.contiguous()) {  // one contiguous run: share x's storage, copy nothing
-    auto impl = std::make_shared<detail::TensorImpl>();
+    auto impl = detail::make_cached<detail::TensorImpl>();
     impl->shape = shape;
     impl->numel = m * inner;
     impl->storage = x.impl()->storage;

@@ -11,7 +11,7 @@
 #include <mutex>
 #include <new>
 
-#include "hesse/tensor.hpp"
+#include "../detail.hpp"
 
 namespace hesse::detail {
 namespace {
@@ -38,7 +38,62 @@ std::size_t round_capacity(std::size_t n) {
   return (n + step - 1) / step * step;
 }
 
+// ---- recycled blocks for tensors, storages and nodes (see detail.hpp) ----
+
+constexpr std::size_t kLargestCachedBlock = 512;  // bytes; larger blocks are not recycled
+constexpr std::size_t kMaxCachedBlocks = 4096;    // per size and thread
+constexpr std::size_t kSlots = kLargestCachedBlock / 16 + 1;
+
+struct FreeBlock {
+  FreeBlock* next;
+};
+
+struct BlockCache {
+  FreeBlock* head[kSlots] = {};
+  std::size_t count[kSlots] = {};
+  ~BlockCache();
+};
+
+thread_local bool cache_gone HESSE_FAST_TLS = false;  // trivially destructible: readable during thread exit
+thread_local BlockCache cache HESSE_FAST_TLS;
+
+BlockCache::~BlockCache() {
+  cache_gone = true;  // blocks released later on this thread go straight back to the heap
+  for (FreeBlock*& h : head)
+    while (h) {
+      FreeBlock* next = h->next;
+      ::operator delete(h);
+      h = next;
+    }
+}
+
 }  // namespace
+
+void* take_block(std::size_t size) {
+  const std::size_t slot = (size + 15) / 16;
+  if (size <= kLargestCachedBlock && !cache_gone) {
+    BlockCache& c = cache;
+    if (FreeBlock* b = c.head[slot]) {
+      c.head[slot] = b->next;
+      --c.count[slot];
+      return b;
+    }
+  }
+  return ::operator new(slot * 16);
+}
+
+void give_block(void* block, std::size_t size) {
+  const std::size_t slot = (size + 15) / 16;
+  if (size <= kLargestCachedBlock && !cache_gone) {
+    BlockCache& c = cache;
+    if (c.count[slot] < kMaxCachedBlocks) {
+      c.head[slot] = new (block) FreeBlock{c.head[slot]};
+      ++c.count[slot];
+      return;
+    }
+  }
+  ::operator delete(block);
+}
 
 Storage::Storage(std::size_t n) {
   // rounding up and the byte count must not wrap around

@@ -60,10 +60,10 @@ std::size_t checked_numel(const Shape& shape) {
 }  // namespace
 
 Tensor Tensor::empty(const Shape& shape) {
-  auto impl = std::make_shared<detail::TensorImpl>();
+  auto impl = detail::make_cached<detail::TensorImpl>();
   impl->shape = shape;
   impl->numel = checked_numel(shape);
-  impl->storage = std::make_shared<detail::Storage>(impl->numel);
+  impl->storage = detail::make_cached<detail::Storage>(impl->numel);
   return Tensor(std::move(impl));
 }
 
@@ -76,7 +76,7 @@ Tensor deferred(const Shape& shape, const std::vector<Tensor>& operands,
     kept.push_back(t.detach());
     reads.push_back(t.impl()->storage.get());
   }
-  auto impl = std::make_shared<TensorImpl>();
+  auto impl = make_cached<TensorImpl>();
   impl->shape = shape;
   impl->numel = checked_numel(shape);
   impl->storage = Storage::deferred(
@@ -217,7 +217,7 @@ void Tensor::backward(const Tensor& gradient, bool retain_graph) const {
 }
 
 Tensor Tensor::detach() const {
-  auto impl = std::make_shared<detail::TensorImpl>();
+  auto impl = detail::make_cached<detail::TensorImpl>();
   impl->shape = shape();
   impl->numel = numel();
   impl->storage = impl_->storage;
