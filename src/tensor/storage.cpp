@@ -40,7 +40,13 @@ std::size_t round_capacity(std::size_t n) {
 
 // ---- recycled blocks for tensors, storages and nodes (see detail.hpp) ----
 
-constexpr std::size_t kLargestCachedBlock = 512;  // bytes; larger blocks are not recycled
+// bytes; larger blocks are not recycled. Under AddressSanitizer nothing is:
+// a recycled block would hide a use after free from it.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr std::size_t kLargestCachedBlock = 0;
+#else
+constexpr std::size_t kLargestCachedBlock = 512;
+#endif
 constexpr std::size_t kMaxCachedBlocks = 4096;    // per size and thread
 constexpr std::size_t kSlots = kLargestCachedBlock / 16 + 1;
 
