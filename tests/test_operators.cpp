@@ -362,38 +362,29 @@ BOOST_AUTO_TEST_CASE(parameters_changed_after_building_are_seen) {
   const Tensor x = randn({4, 3}, gen), t = randn({4, 3}, gen);
   const LinearOperator op = loss_hessian_operator(*net, nn::MSELoss(), {x}, t);
   const Tensor before = to_dense(op);
+  Tensor w = net->parameter("0.weight");
   {
     NoGradGuard no_grad;  // an optimiser-like step in place
-    Tensor w = net->parameter("0.weight");
     for (std::size_t i = 0; i < w.numel(); ++i) w.mutable_data()[i] += 0.3;
   }
   const Tensor after = loss_hessian_matrix(*net, nn::MSELoss(), {x}, t);
   BOOST_CHECK_GT(max_abs_diff(before, after), 1e-3);
-  CHECK_REL(to_dense(op), after, 1e-12);
-}
-
-BOOST_AUTO_TEST_CASE(a_write_of_the_same_values_keeps_later_changes_visible) {
-  // Products trust a parameter's write count; a write that changes nothing
-  // must not hide a real change made after it.
-  Generator gen(17);
-  auto net = tanh_net(gen);
-  const Tensor x = randn({4, 3}, gen), t = randn({4, 3}, gen);
-  const LinearOperator op = loss_hessian_operator(*net, nn::MSELoss(), {x}, t);
-  const Tensor before = to_dense(op);
-  Tensor w = net->parameter("0.weight");
+  const Tensor products = to_dense(op);
+  CHECK_REL(products, after, 1e-12);
+  // Products trust a parameter's write count: a write that changes nothing
+  // keeps the products, and must not hide a real change made after it.
   {
-    double* values = w.mutable_data();  // written, but with the values it had
+    double* values = w.mutable_data();
     for (std::size_t i = 0; i < w.numel(); ++i) values[i] = values[i] * 1.0;
   }
-  BOOST_CHECK_EQUAL(max_abs_diff(to_dense(op), before), 0.0);
-  // now an optimiser step changes the values
+  BOOST_CHECK_EQUAL(max_abs_diff(to_dense(op), products), 0.0);
   nn::SGD sgd(net->parameters(), nn::SGDOptions{0.1});
   sgd.zero_grad();
   nn::MSELoss()((*net)({x}), t).backward();
   sgd.step();
-  const Tensor after = loss_hessian_matrix(*net, nn::MSELoss(), {x}, t);
-  BOOST_CHECK_GT(max_abs_diff(before, after), 1e-6);
-  CHECK_REL(to_dense(op), after, 1e-12);
+  const Tensor stepped = loss_hessian_matrix(*net, nn::MSELoss(), {x}, t);
+  BOOST_CHECK_GT(max_abs_diff(after, stepped), 1e-6);
+  CHECK_REL(to_dense(op), stepped, 1e-12);
 }
 
 BOOST_AUTO_TEST_CASE(works_under_a_no_grad_guard) {
