@@ -174,7 +174,14 @@ struct CurvatureOperator {
   std::vector<double> theta;  // the parameter values the graphs were recorded at
   // and each parameter's storage with its write count then: an unchanged count
   // proves the values unchanged without comparing n doubles per product
-  std::vector<std::pair<std::shared_ptr<detail::Storage>, std::uint64_t>> theta_writes;
+  using WriteStamps = std::vector<std::pair<std::shared_ptr<detail::Storage>, std::uint64_t>>;
+  WriteStamps theta_writes;
+
+  WriteStamps write_stamps() const {
+    WriteStamps stamps;
+    for (const Tensor& p : sel.params) stamps.emplace_back(p.impl()->storage, p.impl()->storage->writes());
+    return stamps;
+  }
 
   // The first-level graph of one batch; the caller holds a RequestScope.
   Graph record(const Batch& batch) const {
@@ -238,30 +245,22 @@ struct CurvatureOperator {
       graphs.push_back(record(data[b]));
       progress.update(b + 1);
     }
-    theta_writes.clear();
-    for (const Tensor& p : sel.params) {
-      theta.insert(theta.end(), p.data(), p.data() + p.numel());
-      theta_writes.emplace_back(p.impl()->storage, p.impl()->storage->writes());
-    }
+    for (const Tensor& p : sel.params) theta.insert(theta.end(), p.data(), p.data() + p.numel());
+    theta_writes = write_stamps();
   }
 
   /// The parameters changed since the graphs were recorded (an optimiser step, load).
   bool stale() {
     if (theta.size() != sel.n) return true;
-    bool written = false;
-    for (std::size_t p = 0; p < sel.params.size(); ++p) {
-      const auto& storage = sel.params[p].impl()->storage;
-      written = written || storage != theta_writes[p].first || storage->writes() != theta_writes[p].second;
-    }
-    if (!written) return false;
+    WriteStamps now = write_stamps();
+    if (now == theta_writes) return false;
     // written to (an optimiser step, or a write of the same values): compare
     std::size_t at = 0;
     for (const Tensor& p : sel.params) {
       if (std::memcmp(p.data(), theta.data() + at, p.numel() * sizeof(double)) != 0) return true;
       at += p.numel();
     }
-    for (std::size_t p = 0; p < sel.params.size(); ++p)
-      theta_writes[p] = {sel.params[p].impl()->storage, sel.params[p].impl()->storage->writes()};
+    theta_writes = std::move(now);
     return false;
   }
 

@@ -254,7 +254,6 @@ Tensor ColumnSum::result() {
   for (std::size_t p = 0; p < written_.size(); ++p)
     if (!written_[p])
       for (std::size_t i = 0; i < k; ++i) std::fill_n(o + i * n + sel_.offsets[p], sel_.sizes[p], 0.0);
-  std::fill(written_.begin(), written_.end(), true);
   return out_;
 }
 

@@ -12,9 +12,6 @@ namespace {
 using detail::make;
 using detail::record;
 
-// Sum over the axes flagged in `reduce`; the result keeps every axis (size 1
-// where reduced). Consecutive axes with the same flag are merged first so
-// that the inner loops run over contiguous memory.
 // Σ x[0..n), in four interleaved partial sums: a single running sum waits on
 // each add (4 cycles), four keep the adder busy and let the loop vectorise.
 double sum_run(const double* x, std::size_t n) {
@@ -26,6 +23,9 @@ double sum_run(const double* x, std::size_t n) {
   return (lane[0] + lane[1]) + (lane[2] + lane[3]);
 }
 
+// Sum over the axes flagged in `reduce`; the result keeps every axis (size 1
+// where reduced). Consecutive axes with the same flag are merged first so
+// that the inner loops run over contiguous memory.
 Tensor sum_kernel(const Tensor& x, const std::vector<bool>& reduce) {
   Shape kept = x.shape();
   for (std::size_t d = 0; d < kept.size(); ++d)
