@@ -740,6 +740,48 @@ BOOST_AUTO_TEST_CASE(per_sample_model_hessians_equal_full_batch_ones) {
   for (const auto& [key, blk] : db.blocks()) CHECK_REL(blk, df.at(key.first, key.second), 1e-12);
 }
 
+// Dense results are not cleared before their rows arrive; what no row reaches
+// (unused or linear parameters, diagonal_only's off blocks, a subset) is zeroed
+// at the end. Recycled storage full of NaN must leave no trace.
+BOOST_AUTO_TEST_CASE(dense_results_do_not_depend_on_recycled_memory) {
+  Generator gen(43);
+  auto net = nn::mlp({3, 4, 2}, nn::Activation::Kind::tanh, gen);  // output linear in the last bias
+  PartlyUnused unused;
+  const Tensor x = randn({3, 3}, gen), t = randn({3, 2}, gen);
+  const Tensor xu = Tensor{{1.0, -1.0}, {0.5, 2.0}}, tu = reshape(Tensor{0.0, 1.0}, Shape{2, 1});
+  const nn::MSELoss mse(nn::Reduction::sum);
+  HessianOptions diagonal;
+  diagonal.diagonal_only = true;
+  HessianOptions whole_batch;
+  whole_batch.is_batch = false;
+  const HessianOptions subset = with_params({"0.bias", "2.weight"});
+  const std::vector<std::pair<std::string, std::function<Tensor()>>> requests = {
+      {"loss", [&] { return loss_hessian_matrix(*net, mse, {x}, t); }},
+      {"loss diagonal_only", [&] { return loss_hessian_matrix(*net, mse, {x}, t, diagonal); }},
+      {"loss subset", [&] { return loss_hessian_matrix(*net, mse, {x}, t, subset); }},
+      {"loss unused", [&] { return loss_hessian_matrix(unused, mse, {xu}, tu); }},
+      {"batch loss", [&] { return batch_loss_hessian_matrix(*net, mse, {x}, t); }},
+      {"batch loss diagonal_only", [&] { return batch_loss_hessian_matrix(*net, mse, {x}, t, diagonal); }},
+      {"model", [&] { return model_hessian_matrix(*net, {x}); }},
+      {"model diagonal_only", [&] { return model_hessian_matrix(*net, {x}, diagonal); }},
+      {"model whole batch", [&] { return model_hessian_matrix(*net, {x}, whole_batch); }},
+      {"model unused", [&] { return model_hessian_matrix(unused, {xu}); }},
+  };
+  for (const auto& [name, request] : requests) {
+    BOOST_TEST_CONTEXT(name) {
+      const Shape shape = request().shape();
+      // leave freed buffers of the result's size behind, full of `fill`
+      auto after = [&](double fill) {
+        { const Tensor junk = full(shape, fill); }
+        return request();
+      };
+      const Tensor clean = after(0.0), dirty = after(std::nan(""));
+      BOOST_CHECK(std::all_of(dirty.data(), dirty.data() + dirty.numel(), [](double v) { return std::isfinite(v); }));
+      CHECK_EXACT(dirty, clean);
+    }
+  }
+}
+
 BOOST_AUTO_TEST_CASE(sum_of_per_sample_hessians_is_the_batch_hessian_for_sum_losses) {
   Generator gen(42);
   auto net = nn::mlp({3, 4, 3}, nn::Activation::Kind::tanh, gen);
