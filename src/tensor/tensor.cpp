@@ -308,7 +308,13 @@ Tensor full(const Shape& shape, double value, bool requires_grad) {
   std::fill_n(t.mutable_data(), t.numel(), value);
   return t.requires_grad_(requires_grad);
 }
-Tensor zeros(const Shape& shape, bool requires_grad) { return full(shape, 0.0, requires_grad); }
+// memset: all-zero bytes are 0.0, and glibc's memset writes whole cache lines
+// without reading them first (seeds and results are mostly zeros)
+Tensor zeros(const Shape& shape, bool requires_grad) {
+  Tensor t = Tensor::empty(shape);
+  std::memset(t.mutable_data(), 0, t.numel() * sizeof(double));
+  return t.requires_grad_(requires_grad);
+}
 Tensor ones(const Shape& shape, bool requires_grad) { return full(shape, 1.0, requires_grad); }
 Tensor zeros_like(const Tensor& t) { return zeros(t.shape()); }
 Tensor ones_like(const Tensor& t) { return ones(t.shape()); }
