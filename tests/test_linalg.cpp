@@ -338,6 +338,33 @@ BOOST_AUTO_TEST_CASE(linear_values_and_gradients) {
   HESSE_CHECK_THROWS(linear(zeros({2, 4}), W, zeros({4})), hesse::ShapeError, "hesse::linear");
 }
 
+// A batch of A against one B: dB stacks the batch into the rows of a single
+// product (both B layouts: matmul's and linear's transposed weight).
+BOOST_AUTO_TEST_CASE(shared_b_gradient_over_a_batch) {
+  Generator gen(9);
+  const Tensor W = normal({3, 4}, gen), B = normal({4, 3}, gen);
+  for (const Shape& s : {Shape{2, 5, 4}, Shape{2, 3, 1, 4}}) {
+    BOOST_TEST_CONTEXT(to_string(s)) {
+      const Tensor x = normal(s, gen);
+      Shape gs(s.begin(), s.end() - 1);
+      gs.push_back(3);
+      const Tensor g = randn(gs, gen);
+      // dW of x Wᵀ is Σ_i gᵢᵀ xᵢ, dB of x B is Σ_i xᵢᵀ gᵢ over every batch row i
+      const std::size_t rows = x.numel() / 4;
+      const Tensor x_rows = reshape(x.detach(), Shape{rows, 4}), g_rows = reshape(g, Shape{rows, 3});
+      CHECK_CLOSE(grad(linear(x, W), W, g), reference_matmul(reference_permute(g_rows, {1, 0}), x_rows), 1e-13);
+      CHECK_CLOSE(grad(matmul(x, B), B, g), reference_matmul(reference_permute(x_rows, {1, 0}), g_rows), 1e-13);
+      check_derivatives("linear " + to_string(s), [](const std::vector<Tensor>& t) { return linear(t[0], t[1]); },
+                        {x, W});
+      check_derivatives("matmul " + to_string(s), kMatmul, {x, B});
+      check_batched_seeds("tanh(linear) " + to_string(s),
+                          [](const std::vector<Tensor>& t) { return hesse::tanh(linear(t[0], t[1])); }, {x, W});
+      check_batched_seeds("tanh(matmul) " + to_string(s),
+                          [](const std::vector<Tensor>& t) { return hesse::tanh(matmul(t[0], t[1])); }, {x, B});
+    }
+  }
+}
+
 // ---- batched seeds ----
 
 BOOST_AUTO_TEST_CASE(batched_seeds_linalg) {

@@ -260,9 +260,20 @@ Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb, bool defer) 
     if (needs[0]) ga = detail::reduce_grad(ta ? matmul_t(b, g, tb, true, needs.may_defer(0))
                                               : matmul_t(g, b, false, !tb, needs.may_defer(0)),
                                            so, a.shape());
-    if (needs[1]) gb = detail::reduce_grad(tb ? matmul_t(g, a, true, ta, needs.may_defer(1))
-                                              : matmul_t(a, g, !ta, false, needs.may_defer(1)),
-                                           so, b.shape());
+    // B shared by a batch of A's (A not broadcast): dB = Σᵢ Aᵢᵀ gᵢ is one
+    // product of the batch stacked into rows, with no batched product to sum
+    const bool stack_rows = !ta && b.ndim() == 2 && a.ndim() > 2 && lead(a.shape()) == lead(so);
+    if (needs[1] && stack_rows) {
+      const std::size_t rows = numel_of(lead(so)) * so[so.size() - 2];
+      const Tensor a_rows = reshape(a, Shape{rows, a.shape().back()});
+      const Tensor g_rows = reshape(g, detail::concat_shape(detail::batch_dims(g, so), {rows, so.back()}));
+      gb = tb ? matmul_t(g_rows, a_rows, true, false, needs.may_defer(1))
+              : matmul_t(a_rows, g_rows, true, false, needs.may_defer(1));
+    } else if (needs[1]) {
+      gb = detail::reduce_grad(tb ? matmul_t(g, a, true, ta, needs.may_defer(1))
+                                  : matmul_t(a, g, !ta, false, needs.may_defer(1)),
+                               so, b.shape());
+    }
     return std::vector<Tensor>{ga, gb};
   });
 }
