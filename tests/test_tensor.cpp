@@ -134,6 +134,11 @@ BOOST_AUTO_TEST_CASE(eye_square_and_rectangular) {
   BOOST_TEST((tall.shape() == S({4, 2})));
   for (std::size_t r = 0; r < 4; ++r)
     for (std::size_t c = 0; c < 2; ++c) BOOST_TEST(tall.data()[r * 2 + c] == (r == c ? 1.0 : 0.0));
+
+  // an empty size means empty, not "square" (numpy.eye(3, 0) is 3 × 0)
+  BOOST_TEST((eye(3, 0).shape() == S({3, 0})));
+  BOOST_TEST((eye(0, 2).shape() == S({0, 2})));
+  BOOST_TEST((eye(0).shape() == S({0, 0})));
 }
 
 BOOST_AUTO_TEST_CASE(arange_both_forms) {

@@ -174,8 +174,10 @@ Tensor ones(const Shape& shape, bool requires_grad = false);
 Tensor full(const Shape& shape, double value, bool requires_grad = false);
 Tensor zeros_like(const Tensor& t);
 Tensor ones_like(const Tensor& t);
-/// n×m matrix with ones on the diagonal (m = n by default).
-Tensor eye(std::size_t n, std::size_t m = 0);
+/// The n×n identity.
+Tensor eye(std::size_t n);
+/// n×m matrix with ones on the diagonal (either size may be 0).
+Tensor eye(std::size_t n, std::size_t m);
 /// [0, 1, ..., stop-1] and start, start+step, ... < stop.
 Tensor arange(double stop);
 Tensor arange(double start, double stop, double step = 1.0);

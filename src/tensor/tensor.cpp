@@ -319,8 +319,9 @@ Tensor ones(const Shape& shape, bool requires_grad) { return full(shape, 1.0, re
 Tensor zeros_like(const Tensor& t) { return zeros(t.shape()); }
 Tensor ones_like(const Tensor& t) { return ones(t.shape()); }
 
+Tensor eye(std::size_t n) { return eye(n, n); }
+
 Tensor eye(std::size_t n, std::size_t m) {
-  if (m == 0) m = n;
   Tensor t = zeros({n, m});
   for (std::size_t i = 0; i < std::min(n, m); ++i) t.mutable_data()[i * m + i] = 1.0;
   return t;
