@@ -117,6 +117,8 @@ class Tensor {
   /// A copy of an xtensor array.
   Tensor(const xt::xarray<double>& value, bool requires_grad = false);
   /// Nested initializer lists: Tensor{1, 2}, Tensor{{1, 2}, {3, 4}}, ...
+  /// C++ reads a single innermost value as either depth, so Tensor{{3.0}} does
+  /// not compile: write reshape(Tensor{3.0}, {1, 1}) for a 1 × 1 matrix.
   Tensor(std::initializer_list<double> values);
   Tensor(std::initializer_list<std::initializer_list<double>> values);
   Tensor(std::initializer_list<std::initializer_list<std::initializer_list<double>>> values);
