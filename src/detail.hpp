@@ -15,6 +15,8 @@ namespace hesse::detail {
 /// Destroys a node without recursion: a chain of 100,000 nodes would
 /// otherwise overflow the stack through nested destructors.
 void release_node(std::shared_ptr<Node>&& node);
+/// A value for Node::epoch no pass or walk has used: marks a traversal's visits.
+std::uint64_t new_epoch();
 
 /// A fresh tensor with pooled, uninitialised storage.
 inline Tensor make(const Shape& shape) { return Tensor::empty(shape); }

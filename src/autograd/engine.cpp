@@ -55,6 +55,29 @@ class RuleTimer {
 
 void accumulate(Tensor& into, const Tensor& g) { into = into.defined() ? into + g : g; }
 
+// A node list whose buffer is reused by the next pass on this thread (passes
+// can nest: a rule may take a gradient), so that a pass's traversal allocates nothing.
+struct SpareNodeLists {
+  std::vector<std::vector<Node*>> lists;
+  ~SpareNodeLists();
+};
+thread_local bool spare_gone HESSE_FAST_TLS = false;  // trivially destructible: readable during thread exit
+thread_local SpareNodeLists spare;
+SpareNodeLists::~SpareNodeLists() { spare_gone = true; }
+
+struct Scratch {
+  std::vector<Node*> nodes;
+  Scratch() {
+    if (!spare_gone && !spare.lists.empty()) nodes = std::move(spare.lists.back()), spare.lists.pop_back();
+  }
+  ~Scratch() {
+    nodes.clear();
+    if (!spare_gone && spare.lists.size() < 8) spare.lists.push_back(std::move(nodes));
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
 }  // namespace
 
 bool is_grad_enabled() { return grad_enabled; }
@@ -62,6 +85,10 @@ NoGradGuard::NoGradGuard() : previous_(grad_enabled) { grad_enabled = false; }
 NoGradGuard::~NoGradGuard() { grad_enabled = previous_; }
 EnableGradGuard::EnableGradGuard() : previous_(grad_enabled) { grad_enabled = true; }
 EnableGradGuard::~EnableGradGuard() { grad_enabled = previous_; }
+
+namespace detail {
+std::uint64_t new_epoch() { return next_epoch++; }
+}  // namespace detail
 
 Node::~Node() {
   for (auto& e : edges)
@@ -144,13 +171,13 @@ class Pass {
       if (!in.requires_grad())
         throw AutogradError(detail::message(api_, "input ", i, " (shape ", to_string(in.shape()),
                                             ") does not require grad"));
-      if (in.grad_fn()) node_targets_[in.grad_fn().get()].push_back(i);
-      else leaf_targets_[in.impl().get()].push_back(i);
+      targets_.push_back({in.grad_fn() ? static_cast<const void*>(in.grad_fn().get()) : in.impl().get(), i});
     }
+    std::sort(targets_.begin(), targets_.end(), [](const Target& a, const Target& b) { return a.key < b.key; });
   }
 
   ~Pass() {
-    for (Node* n : order_) n->pending = Tensor();  // also after an exception
+    for (Node* n : order_.nodes) n->pending = Tensor();  // also after an exception
   }
 
   std::vector<Tensor> run(const std::vector<Tensor>& outputs, const std::vector<Tensor>& grad_outputs) {
@@ -179,12 +206,11 @@ class Pass {
       if (out.grad_fn()) accumulate(out.grad_fn()->pending, seeds[i]);
       else deliver_to_leaf(out.impl(), seeds[i]);
     }
-    for (Node* node : order_) {
+    for (Node* node : order_.nodes) {
       if (!node->useful || !node->pending.defined()) continue;
       Tensor g = std::move(node->pending);
       node->pending = Tensor();
-      if (auto it = node_targets_.find(node); it != node_targets_.end())
-        for (std::size_t k : it->second) accumulate(captured_[k], g);
+      for (auto [it, end] = targets_of(node); it != end; ++it) accumulate(captured_[it->input], g);
       if (!has_useful_edge(node)) continue;
       if (node->released)
         throw AutogradError(detail::message(
@@ -248,7 +274,8 @@ class Pass {
   // Every node reachable from the outputs, in reverse creation order, each
   // marked useful when a requested gradient flows through it.
   void collect(const std::vector<Tensor>& outputs) {
-    std::vector<Node*> stack;
+    Scratch scratch;
+    std::vector<Node*>& stack = scratch.nodes;
     for (const Tensor& out : outputs)
       if (Node* n = out.grad_fn().get(); n && n->epoch != epoch_) {
         n->epoch = epoch_;
@@ -257,23 +284,24 @@ class Pass {
     while (!stack.empty()) {
       Node* n = stack.back();
       stack.pop_back();
-      order_.push_back(n);
+      order_.nodes.push_back(n);
       for (const Edge& e : n->edges)
         if (Node* m = e.node.get(); m && m->epoch != epoch_) {
           m->epoch = epoch_;
           stack.push_back(m);
         }
     }
-    std::sort(order_.begin(), order_.end(), [](Node* a, Node* b) { return a->sequence > b->sequence; });
+    std::vector<Node*>& order = order_.nodes;
+    std::sort(order.begin(), order.end(), [](Node* a, Node* b) { return a->sequence > b->sequence; });
     // inputs come before their consumers on the tape: mark in creation order
-    for (auto it = order_.rbegin(); it != order_.rend(); ++it) {
+    for (auto it = order.rbegin(); it != order.rend(); ++it) {
       Node* n = *it;
-      n->useful = node_targets_.count(n) > 0 || has_useful_edge(n);
+      n->useful = is_target(n) || has_useful_edge(n);
     }
   }
 
   bool wants_leaf(const detail::TensorImpl* leaf) const {
-    return inputs_.empty() ? true : leaf_targets_.count(leaf) > 0;
+    return inputs_.empty() ? true : is_target(leaf);
   }
 
   // An edge whose gradient reaches a requested result (the others' are dropped).
@@ -330,8 +358,7 @@ class Pass {
 
   void deliver_to_leaf(const std::shared_ptr<detail::TensorImpl>& leaf, const Tensor& g) {
     if (!inputs_.empty()) {
-      if (auto it = leaf_targets_.find(leaf.get()); it != leaf_targets_.end())
-        for (std::size_t k : it->second) accumulate(captured_[k], g);
+      for (auto [it, end] = targets_of(leaf.get()); it != end; ++it) accumulate(captured_[it->input], g);
       return;
     }
     if (leaf->grad) {
@@ -360,10 +387,24 @@ class Pass {
   std::uint64_t epoch_;
   Shape batch_;
   bool batch_known_ = false;
-  std::vector<Node*> order_;
-  std::unordered_map<const Node*, std::vector<std::size_t>> node_targets_;
-  std::unordered_map<const detail::TensorImpl*, std::vector<std::size_t>> leaf_targets_;
+  Scratch order_;
+  // the requested inputs, by the node or leaf that holds each (sorted by key;
+  // a few entries, where hash maps cost an allocation per entry)
+  struct Target {
+    const void* key;
+    std::size_t input;
+  };
+  std::vector<Target> targets_;
   std::vector<Tensor> captured_;
+
+  std::pair<std::vector<Target>::const_iterator, std::vector<Target>::const_iterator> targets_of(const void* key) const {
+    return std::equal_range(targets_.begin(), targets_.end(), Target{key, 0},
+                            [](const Target& a, const Target& b) { return a.key < b.key; });
+  }
+  bool is_target(const void* key) const {
+    const auto [it, end] = targets_of(key);
+    return it != end;
+  }
 };
 
 }  // namespace

@@ -6,7 +6,6 @@
 #include "../progress.hpp"
 
 #include <algorithm>
-#include <unordered_set>
 
 namespace hesse::detail {
 
@@ -89,17 +88,7 @@ void check_memory(const char* api, const Selection& sel, std::size_t count, cons
 // Entries of every tensor on y's tape: what one seed carries through a backward pass.
 std::size_t tape_elements(const Tensor& y) {
   std::size_t total = 0;
-  std::vector<const Node*> stack;
-  std::unordered_set<const Node*> seen;
-  if (y.grad_fn()) stack.push_back(y.grad_fn().get());
-  while (!stack.empty()) {
-    const Node* n = stack.back();
-    stack.pop_back();
-    if (!seen.insert(n).second) continue;
-    total += numel_of(n->output_shape);
-    for (const Edge& e : n->edges)
-      if (e.node) stack.push_back(e.node.get());
-  }
+  walk_tape({y}, [&total](const Node& n) { total += numel_of(n.output_shape); }, [](const TensorImpl*) {});
   return std::max<std::size_t>(total, 1);
 }
 

@@ -15,7 +15,6 @@
 #include <iomanip>
 #include <sstream>
 #include <unordered_map>
-#include <unordered_set>
 
 #include "hesse/curvature.hpp"
 #include "request.hpp"
@@ -28,8 +27,8 @@ namespace detail {
 
 void walk_tape(const std::vector<Tensor>& roots, const std::function<void(const Node&)>& on_node,
                const std::function<void(const TensorImpl*)>& on_leaf) {
-  std::vector<const Node*> stack;
-  std::unordered_set<const Node*> seen;
+  const std::uint64_t visited = new_epoch();
+  std::vector<Node*> stack;
   for (const Tensor& r : roots) {
     if (!r.defined() || !r.requires_grad()) continue;
     if (r.grad_fn())
@@ -38,9 +37,10 @@ void walk_tape(const std::vector<Tensor>& roots, const std::function<void(const 
       on_leaf(r.impl().get());  // a gradient that is a parameter itself
   }
   while (!stack.empty()) {  // iterative: tapes can be deep
-    const Node* n = stack.back();
+    Node* n = stack.back();
     stack.pop_back();
-    if (!seen.insert(n).second) continue;
+    if (n->epoch == visited) continue;
+    n->epoch = visited;
     on_node(*n);
     for (const Edge& e : n->edges)
       if (e.node)

@@ -241,18 +241,12 @@ Tensor expand(const Tensor& x, const Shape& shape) {
 
 // ---- permute: the adjoint applies the inverse permutation ----
 
-Tensor permute(const Tensor& x, const std::vector<int>& axes) {
+namespace {
+
+// Axis i of the result is axis perm[i] of x (perm checked by the callers).
+// Shapes hold the permutation: no heap allocation for up to six dims.
+Tensor permuted(const Tensor& x, const Shape& perm) {
   const std::size_t n = x.ndim();
-  if (axes.size() != n)
-    throw ShapeError(message("permute", axes.size(), " axes given for a tensor of shape ", to_string(x.shape())));
-  std::vector<std::size_t> perm(n);
-  std::vector<bool> seen(n, false);
-  for (std::size_t i = 0; i < n; ++i) {
-    perm[i] = detail::normalize_axis("permute", axes[i], n);
-    if (seen[perm[i]])
-      throw IndexError(message("permute", "axis ", axes[i], " is repeated for a tensor of shape ", to_string(x.shape())));
-    seen[perm[i]] = true;
-  }
   bool identity = true;
   for (std::size_t i = 0; i < n; ++i) identity = identity && perm[i] == i;
   if (identity) return x;
@@ -271,22 +265,39 @@ Tensor permute(const Tensor& x, const std::vector<int>& axes) {
     detail::for_each_broadcast(shape, strides, Shape(n, 0),
                                [&](std::size_t io, std::size_t ia, std::size_t) { o[io] = in[ia]; });
   }
-  return record("permute", out, {x}, [perm, n](const Tensor& g, const Tensor&, Needs) {
-    const std::size_t b = g.ndim() - n;
-    std::vector<int> inverse(g.ndim());
-    for (std::size_t i = 0; i < b; ++i) inverse[i] = int(i);
-    for (std::size_t i = 0; i < n; ++i) inverse[b + perm[i]] = int(b + i);
-    return std::vector<Tensor>{permute(g, inverse)};
+  // the adjoint is the inverse permutation; a gradient's leading batch dims stay in front
+  return record("permute", out, {x}, [perm](const Tensor& g, const Tensor&, Needs) {
+    const std::size_t b = g.ndim() - perm.size();
+    Shape inverse(g.ndim());
+    for (std::size_t i = 0; i < b; ++i) inverse[i] = i;
+    for (std::size_t i = 0; i < perm.size(); ++i) inverse[b + perm[i]] = b + i;
+    return std::vector<Tensor>{permuted(g, inverse)};
   });
+}
+
+}  // namespace
+
+Tensor permute(const Tensor& x, const std::vector<int>& axes) {
+  const std::size_t n = x.ndim();
+  if (axes.size() != n)
+    throw ShapeError(message("permute", axes.size(), " axes given for a tensor of shape ", to_string(x.shape())));
+  Shape perm(n);
+  Shape seen(n, 0);
+  for (std::size_t i = 0; i < n; ++i) {
+    perm[i] = detail::normalize_axis("permute", axes[i], n);
+    if (seen[perm[i]]++)
+      throw IndexError(message("permute", "axis ", axes[i], " is repeated for a tensor of shape ", to_string(x.shape())));
+  }
+  return permuted(x, perm);
 }
 
 Tensor transpose(const Tensor& x, int axis0, int axis1) {
   const std::size_t a = detail::normalize_axis("transpose", axis0, x.shape());
   const std::size_t b = detail::normalize_axis("transpose", axis1, x.shape());
-  std::vector<int> axes(x.ndim());
-  std::iota(axes.begin(), axes.end(), 0);
-  std::swap(axes[a], axes[b]);
-  return permute(x, axes);
+  Shape perm(x.ndim());
+  std::iota(perm.begin(), perm.end(), std::size_t(0));
+  std::swap(perm[a], perm[b]);
+  return permuted(x, perm);
 }
 
 Tensor transpose(const Tensor& x) { return x.ndim() < 2 ? x : transpose(x, -2, -1); }
