@@ -52,20 +52,34 @@ constexpr std::size_t kSmallGemm = 512;  // m·n·k up to which a plain loop bea
 // Tiny products (per-sample Hessians are full of them) cost more in BLAS's
 // call and packing overhead than in arithmetic: a plain loop does them.
 // Each c[i][j] sums its k products in order from 0.0, whichever loop order.
+// c[i][j] as dot products. K > 0 fixes k at compile time: the dots of the
+// tiniest products (2 × 2 parameter matrices) become straight-line code; and
+// c never overlaps a or b, which spares them the overlap tests of vectorised
+// loops (those cost more than such products).
+template <bool TA, bool TB, std::size_t K = 0>
+void dot_gemm(const MatmulDims& d, const double* __restrict a, const double* __restrict b, double* __restrict c) {
+  const std::size_t m = d.m, n = d.n, k = K ? K : d.k;
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j) {
+      double acc = 0.0;
+      for (std::size_t p = 0; p < k; ++p)
+        acc += (TA ? a[p * m + i] : a[i * k + p]) * (TB ? b[j * k + p] : b[p * n + j]);
+      c[i * n + j] = acc;
+    }
+}
+
 template <bool TA, bool TB>
 void small_gemm(const MatmulDims& d, const double* a, const double* b, double* c) {
   const std::size_t m = d.m, n = d.n, k = d.k;
-  // rows of B contiguous in p, or products so small (2 × 2 matrices) that the
-  // vectorised axpy loop's set-up outweighs its work: dot products
+  // rows of B contiguous in p, or products so small that the vectorised axpy
+  // loop's set-up outweighs its work: dot products
   if (TB || m * n * k <= 64) {
-    for (std::size_t i = 0; i < m; ++i)
-      for (std::size_t j = 0; j < n; ++j) {
-        double acc = 0.0;
-        for (std::size_t p = 0; p < k; ++p)
-          acc += (TA ? a[p * m + i] : a[i * k + p]) * (TB ? b[j * k + p] : b[p * n + j]);
-        c[i * n + j] = acc;
-      }
-    return;
+    switch (k) {
+      case 2: return dot_gemm<TA, TB, 2>(d, a, b, c);
+      case 3: return dot_gemm<TA, TB, 3>(d, a, b, c);
+      case 4: return dot_gemm<TA, TB, 4>(d, a, b, c);
+      default: return dot_gemm<TA, TB>(d, a, b, c);
+    }
   }
   for (std::size_t i = 0; i < m; ++i) {  // rows of B are contiguous in j: axpy order, vectorised
     double* ci = c + i * n;
