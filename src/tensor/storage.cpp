@@ -54,23 +54,35 @@ struct FreeBlock {
   FreeBlock* next;
 };
 
+// Trivially destructible, so that reaching it is a plain initial-exec TLS
+// access: a thread_local with a destructor is reached through a guard and
+// __tls_get_addr on every use. The blocks are released by a separate object,
+// registered the first time a block is cached.
 struct BlockCache {
-  FreeBlock* head[kSlots] = {};
-  std::size_t count[kSlots] = {};
-  ~BlockCache();
+  FreeBlock* head[kSlots];
+  std::size_t count[kSlots];
 };
 
-thread_local bool cache_gone HESSE_FAST_TLS = false;  // trivially destructible: readable during thread exit
-thread_local BlockCache cache HESSE_FAST_TLS;
+thread_local bool cache_gone HESSE_FAST_TLS = false;  // readable during thread exit
+thread_local bool cache_armed HESSE_FAST_TLS = false;  // its releaser is registered
+thread_local BlockCache cache HESSE_FAST_TLS = {};
 
-BlockCache::~BlockCache() {
-  cache_gone = true;  // blocks released later on this thread go straight back to the heap
-  for (FreeBlock*& h : head)
-    while (h) {
-      FreeBlock* next = h->next;
-      ::operator delete(h);
-      h = next;
-    }
+struct CacheReleaser {
+  ~CacheReleaser() {
+    cache_gone = true;  // blocks released later on this thread go straight back to the heap
+    for (FreeBlock*& h : cache.head)
+      while (h) {
+        FreeBlock* next = h->next;
+        ::operator delete(h);
+        h = next;
+      }
+  }
+};
+
+void arm_cache() {
+  thread_local CacheReleaser releaser;  // constructed (and its destructor registered) once per thread
+  (void)releaser;
+  cache_armed = true;
 }
 
 }  // namespace
@@ -91,6 +103,7 @@ void* take_block(std::size_t size) {
 void give_block(void* block, std::size_t size) {
   const std::size_t slot = (size + 15) / 16;
   if (size <= kLargestCachedBlock && !cache_gone) {
+    if (!cache_armed) arm_cache();
     BlockCache& c = cache;
     if (c.count[slot] < kMaxCachedBlocks) {
       c.head[slot] = new (block) FreeBlock{c.head[slot]};
