@@ -114,13 +114,13 @@ BOOST_AUTO_TEST_CASE(matmul_values) {
   CHECK_CLOSE(matmul(c, d), reference_matmul(c, d), 1e-12);
 }
 
-// k = 1 products are outer products, computed by a loop at every size and
-// under every transpose flag (the flags come from the adjoints below).
+// k = 1 products are outer products: small ones computed by a loop, large ones
+// by BLAS, under every transpose flag (the flags come from the adjoints below).
 BOOST_AUTO_TEST_CASE(outer_products_of_every_size) {
   Generator gen(5);
   const std::vector<std::pair<Shape, Shape>> cases = {{{1, 1}, {1, 1}},    {{3, 1}, {1, 2}},      {{5, 1}, {1, 7}},
                                                       {{40, 1}, {1, 30}}, {{2, 3, 1}, {1, 4}},   {{4, 1}, {3, 1, 6}},
-                                                      {{2, 1, 3, 1}, {2, 1, 5}}};
+                                                      {{2, 1, 3, 1}, {2, 1, 5}}, {{100, 1}, {1, 50}}};
   for (const auto& [sa, sb] : cases) {
     BOOST_TEST_CONTEXT(to_string(sa) << " @ " << to_string(sb)) {
       const Tensor a = randn(sa, gen), b = randn(sb, gen);
@@ -129,7 +129,7 @@ BOOST_AUTO_TEST_CASE(outer_products_of_every_size) {
   }
   // C = A B with one row (dB = Aᵀ G: an outer product of a transposed A) and
   // with one column (dA = G Bᵀ: an outer product of a transposed B)
-  for (std::size_t size : {3, 40}) {
+  for (std::size_t size : {3, 40, 90}) {
     const Tensor A = normal({1, size}, gen), B = normal({size, size - 1}, gen), G = randn({1, size - 1}, gen);
     CHECK_CLOSE(grad(matmul(A, B), B, G), reference_matmul(reference_permute(A.detach(), {1, 0}), G), 0.0);
     const Tensor A2 = normal({size - 1, size}, gen), B2 = normal({size, 1}, gen), G2 = randn({size - 1, 1}, gen);

@@ -92,8 +92,10 @@ void small_gemm(const MatmulDims& d, const double* a, const double* b, double* c
   }
 }
 
-// k = 1: c = a bᵀ whatever the flags (a and b are vectors either way). BLAS
-// would pack panels for it; per-sample gradients are full of such products.
+// k = 1: c = a bᵀ whatever the flags (a and b are vectors either way). For
+// small ones (per-sample gradients are full of them) BLAS's packing costs more
+// than the product; large ones are store-bound, and BLAS's threads store faster.
+constexpr std::size_t kSmallOuter = 4096;  // m·n
 void outer_product(const MatmulDims& d, const double* a, const double* b, double* c) {
   for (std::size_t i = 0; i < d.m; ++i)
     for (std::size_t j = 0; j < d.n; ++j) c[i * d.n + j] = a[i] * b[j];
@@ -135,7 +137,7 @@ void gemv_axpy(const double* mat, std::size_t rows, std::size_t cols, const doub
 // (flops are counted once per product, in matmul_kernel: an atomic add per
 // tiny GEMM of a batch costs more than the GEMM)
 void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
-  if (d.k == 1) return outer_product(d, a, b, c);
+  if (d.k == 1 && d.m * d.n <= kSmallOuter) return outer_product(d, a, b, c);
   if (d.m * d.n * d.k <= kSmallGemm) return small_gemm(ta, tb, d, a, b, c);
   // a product with one row or one column is a matrix-vector product: dgemm
   // packs whole panels for it, and OpenBLAS's dgemv starts threads even for
