@@ -65,17 +65,17 @@ thread_local bool spare_gone HESSE_FAST_TLS = false;  // trivially destructible:
 thread_local SpareNodeLists spare;
 SpareNodeLists::~SpareNodeLists() { spare_gone = true; }
 
-struct Scratch {
+struct NodeList {
   std::vector<Node*> nodes;
-  Scratch() {
+  NodeList() {
     if (!spare_gone && !spare.lists.empty()) nodes = std::move(spare.lists.back()), spare.lists.pop_back();
   }
-  ~Scratch() {
+  ~NodeList() {
     nodes.clear();
     if (!spare_gone && spare.lists.size() < 8) spare.lists.push_back(std::move(nodes));
   }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
+  NodeList(const NodeList&) = delete;
+  NodeList& operator=(const NodeList&) = delete;
 };
 
 }  // namespace
@@ -274,8 +274,8 @@ class Pass {
   // Every node reachable from the outputs, in reverse creation order, each
   // marked useful when a requested gradient flows through it.
   void collect(const std::vector<Tensor>& outputs) {
-    Scratch scratch;
-    std::vector<Node*>& stack = scratch.nodes;
+    NodeList to_visit;
+    std::vector<Node*>& stack = to_visit.nodes;
     for (const Tensor& out : outputs)
       if (Node* n = out.grad_fn().get(); n && n->epoch != epoch_) {
         n->epoch = epoch_;
@@ -387,7 +387,7 @@ class Pass {
   std::uint64_t epoch_;
   Shape batch_;
   bool batch_known_ = false;
-  Scratch order_;
+  NodeList order_;
   // the requested inputs, by the node or leaf that holds each (sorted by key;
   // a few entries, where hash maps cost an allocation per entry)
   struct Target {

@@ -215,15 +215,42 @@ std::vector<Tensor> recorded_grad(const Tensor& y, const std::vector<Tensor>& wr
   return grad({y}, wrt, {seed}, o);
 }
 
-ColumnSum::ColumnSum(const Selection& sel, std::size_t k)
-    : sel_(sel), out_(Tensor::empty({k, sel.n})), written_(sel.params.size(), false) {}
+ColumnSum::ColumnSum(const Selection& sel, std::size_t k) : sel_(sel), k_(k), written_(sel.params.size(), false) {}
+
+double* ColumnSum::values() {
+  if (!out_.defined()) out_ = Tensor::empty({k_, sel_.n});
+  return out_.mutable_data();
+}
+
+// A single row's part for the parameter at column 0 already has the layout of
+// the row's start. When its buffer is its own (no other tensor views it) and
+// has room for the whole row, the row is built in it: the part, often the
+// largest (a first layer's weight), is not copied. The part's own values are
+// never changed: a second part for those columns first moves the row out.
+bool ColumnSum::adopt(const Tensor& part) {
+  part.data();  // deferred values are computed (and the buffer taken) first
+  const std::shared_ptr<TensorImpl>& impl = part.impl();
+  if (impl->offset != 0 || impl->storage.use_count() != 1 || impl->storage->capacity < sel_.n) return false;
+  auto row = make_cached<TensorImpl>();
+  row->shape = {1, sel_.n};
+  row->numel = sel_.n;
+  row->storage = impl->storage;
+  out_ = Tensor(std::move(row));
+  adopted_ = true;
+  return true;
+}
 
 void ColumnSum::add(const std::vector<std::size_t>& group, const std::vector<Tensor>& parts, double scale) {
-  const std::size_t k = out_.shape()[0], n = sel_.n;
-  double* o = out_.mutable_data();
+  const std::size_t k = k_, n = sel_.n;
   for (std::size_t j = 0; j < group.size(); ++j) {
     if (!parts[j].defined()) continue;
     const std::size_t p = group[j], size = sel_.sizes[p];
+    if (!out_.defined() && k == 1 && sel_.offsets[p] == 0 && scale == 1.0 && adopt(parts[j])) {
+      written_[p] = true;
+      continue;
+    }
+    if (adopted_ && sel_.offsets[p] == 0) out_ = out_.clone(), adopted_ = false;
+    double* o = values();
     const double* g = parts[j].data();
     for (std::size_t i = 0; i < k; ++i) {
       double* row = o + i * n + sel_.offsets[p];
@@ -238,8 +265,8 @@ void ColumnSum::add(const std::vector<std::size_t>& group, const std::vector<Ten
 }
 
 Tensor ColumnSum::result() {
-  const std::size_t k = out_.shape()[0], n = sel_.n;
-  double* o = out_.mutable_data();
+  const std::size_t k = k_, n = sel_.n;
+  double* o = values();
   for (std::size_t p = 0; p < written_.size(); ++p)
     if (!written_[p])
       for (std::size_t i = 0; i < k; ++i) std::fill_n(o + i * n + sel_.offsets[p], sel_.sizes[p], 0.0);

@@ -97,7 +97,8 @@ std::vector<Tensor> recorded_grad(const Tensor& y, const std::vector<Tensor>& wr
 /// A block [k, n] summed from per-parameter parts: the first part given for a
 /// parameter is copied into its columns, later ones are added, and columns no
 /// part reached are zero in result(). (Filling with zeros and adding would
-/// pass over every column once more.)
+/// pass over every column once more.) The parts are temporaries: a single
+/// row may be built in the buffer of its first columns' part.
 class ColumnSum {
  public:
   ColumnSum(const Selection& sel, std::size_t k);
@@ -106,8 +107,12 @@ class ColumnSum {
   Tensor result();
 
  private:
+  double* values();
+  bool adopt(const Tensor& part);
   const Selection& sel_;
-  Tensor out_;
+  std::size_t k_;
+  Tensor out_;           // allocated (or adopted) on the first part
+  bool adopted_ = false;  // out_ is built in a part's buffer
   std::vector<bool> written_;
 };
 
