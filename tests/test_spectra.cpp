@@ -298,6 +298,34 @@ BOOST_AUTO_TEST_CASE(large_matrix_free_operator) {
   BOOST_CHECK_LT(e.products, 100u);
 }
 
+// Lanczos subtracts in place in a product it owns. An operator may instead
+// return its input (a view of Lanczos's basis) or a result it keeps: those
+// must come through unchanged, and the answer must not depend on which.
+BOOST_AUTO_TEST_CASE(operators_that_keep_their_results) {
+  const std::vector<double> values = concat(linspace(-1, 1, 37), {2.5, -3});
+  const LinearOperator fresh = diagonal_operator(values);
+  // every block it was given (copied) and every result it handed out (kept)
+  auto history = std::make_shared<std::vector<std::pair<Tensor, Tensor>>>();
+  const LinearOperator keeping(
+      values.size(),
+      [fresh, history](const Tensor& block) {
+        history->emplace_back(block.clone(), fresh(block));
+        return history->back().second;
+      },
+      "keeping");
+  const Eigenpairs want = lanczos(fresh, options(2, Which::largest_magnitude));
+  const Eigenpairs got = lanczos(keeping, options(2, Which::largest_magnitude));
+  BOOST_CHECK_EQUAL(max_abs_diff(got.values, want.values), 0.0);
+  BOOST_CHECK_EQUAL(max_abs_diff(got.vectors, want.vectors), 0.0);
+  BOOST_REQUIRE_GT(history->size(), 5u);
+  for (const auto& [block, result] : *history) BOOST_CHECK_EQUAL(max_abs_diff(result, fresh(block)), 0.0);
+  // the identity hands back its input: a view of the basis itself
+  const LinearOperator identity(50, [](const Tensor& block) { return block; }, "identity");
+  const Eigenpairs one = lanczos(identity, options(1, Which::largest));
+  BOOST_CHECK_SMALL(one.values.data()[0] - 1.0, 1e-14);
+  BOOST_CHECK_SMALL(one.residuals.data()[0], 1e-14);
+}
+
 BOOST_AUTO_TEST_CASE(same_seed_same_bits) {
   const LinearOperator op = matrix_operator(with_spectrum(concat(linspace(-1, 1, 57), {2, 3, -4})));
   LanczosOptions o = options(3, Which::largest_magnitude, 2);

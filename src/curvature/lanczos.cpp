@@ -77,38 +77,35 @@ void project_out(const double* v, std::size_t m, std::size_t n, double* w, std::
               w, int(n));
 }
 
-// v · p, u · p and p · p in one read of the three (u may be null: 0).
+// For vectors this long, OpenBLAS's level-1 routines split the work over its
+// threads; one fused loop would run on a single core and take longer, even
+// though it reads memory fewer times.
+
+// v · p, u · p and p · p (u may be null: 0).
 void three_dots(const double* p, const double* v, const double* u, std::size_t n, double& vp, double& up,
                 double& pp) {
-  double a[4] = {}, b[4] = {}, c[4] = {};  // four lanes each: the loop vectorises
-  std::size_t i = 0;
-  for (; i + 4 <= n; i += 4)
-    for (std::size_t l = 0; l < 4; ++l) {
-      a[l] += v[i + l] * p[i + l];
-      b[l] += (u ? u[i + l] : 0.0) * p[i + l];
-      c[l] += p[i + l] * p[i + l];
-    }
-  for (; i < n; ++i) a[0] += v[i] * p[i], b[0] += (u ? u[i] : 0.0) * p[i], c[0] += p[i] * p[i];
-  vp = (a[0] + a[1]) + (a[2] + a[3]);
-  up = (b[0] + b[1]) + (b[2] + b[3]);
-  pp = (c[0] + c[1]) + (c[2] + c[3]);
+  vp = cblas_ddot(int(n), v, 1, p, 1);
+  up = u ? cblas_ddot(int(n), u, 1, p, 1) : 0.0;
+  pp = cblas_ddot(int(n), p, 1, p, 1);
 }
 
-// w = scale (p − α v − γ u) (u may be null); returns ‖w‖².
-double combine(const double* p, double alpha, const double* v, double gamma, const double* u, double scale,
-               std::size_t n, double* w) {
-  double s[4] = {};
+// w = scale (p − α v − γ u) (u may be null); returns ‖w‖². `own` is p's
+// buffer when p may be overwritten, else null: the subtractions then run in
+// place, on BLAS's threads, and one pass writes w scaled.
+double combine(const double* p, double* own, double alpha, const double* v, double gamma, const double* u,
+               double scale, std::size_t n, double* w) {
+  double* r = own ? own : w;  // where p − α v − γ u is formed
+  if (!own) cblas_dcopy(int(n), p, 1, w, 1);
+  cblas_daxpy(int(n), -alpha, v, 1, r, 1);
+  if (u) cblas_daxpy(int(n), -gamma, u, 1, r, 1);
+  double s[4] = {};  // w = scale r and its squared length, in one pass
   std::size_t i = 0;
   for (; i + 4 <= n; i += 4)
     for (std::size_t l = 0; l < 4; ++l) {
-      const double x = scale * (p[i + l] - alpha * v[i + l] - (u ? gamma * u[i + l] : 0.0));
-      w[i + l] = x;
-      s[l] += x * x;
+      w[i + l] = scale * r[i + l];
+      s[l] += w[i + l] * w[i + l];
     }
-  for (; i < n; ++i) {
-    w[i] = scale * (p[i] - alpha * v[i] - (u ? gamma * u[i] : 0.0));
-    s[0] += w[i] * w[i];
-  }
+  for (; i < n; ++i) w[i] = scale * r[i], s[0] += w[i] * w[i];
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
@@ -156,7 +153,7 @@ void KrylovBasis::step() {
   const std::size_t b0 = m_, pj = next_, previous = last_start_;
   if (pj == 0) throw Error(message("lanczos", "internal: step() on a basis that cannot grow"));
   // the block is a view of its rows of the basis: rows < m_ are never written again
-  const Tensor product = op_(slice(v_, 0, std::int64_t(b0), std::int64_t(b0 + pj)));
+  Tensor product = op_(slice(v_, 0, std::int64_t(b0), std::int64_t(b0 + pj)));
   last_start_ = b0;
   last_size_ = pj;
   m_ = b0 + pj;
@@ -196,7 +193,11 @@ void KrylovBasis::step() {
       full = needs_full_pass(b0, alpha, size) || always_full_;
       normalized = !full && size > 1e-12 * anorm_ && m_ < n_;
     }
-    const double written = combine(product.data(), alpha, vj, gamma, vp, normalized ? 1.0 / size : 1.0, n_, w);
+    // the product's values are ours to overwrite unless the operator keeps
+    // them (a cached result, or a view of its input: the basis itself)
+    const bool ours = product.impl().use_count() == 1 && product.impl()->storage.use_count() == 1;
+    const double written = combine(product.data(), ours ? product.mutable_data() : nullptr, alpha, vj, gamma, vp,
+                                   normalized ? 1.0 / size : 1.0, n_, w);
     if (normalized) {
       const double length = std::sqrt(written);  // 1 to rounding
       if (std::abs(length - 1.0) > 1e-12) cblas_dscal(int(n_), 1.0 / length, w, 1);
