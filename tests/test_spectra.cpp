@@ -298,7 +298,7 @@ BOOST_AUTO_TEST_CASE(large_matrix_free_operator) {
   BOOST_CHECK_LT(e.products, 100u);
 }
 
-// Lanczos subtracts in place in a product it owns. An operator may instead
+// Lanczos and power iteration work in place in a product they own. An operator may instead
 // return its input (a view of Lanczos's basis) or a result it keeps: those
 // must come through unchanged, and the answer must not depend on which.
 BOOST_AUTO_TEST_CASE(operators_that_keep_their_results) {
@@ -317,13 +317,19 @@ BOOST_AUTO_TEST_CASE(operators_that_keep_their_results) {
   const Eigenpairs got = lanczos(keeping, options(2, Which::largest_magnitude));
   BOOST_CHECK_EQUAL(max_abs_diff(got.values, want.values), 0.0);
   BOOST_CHECK_EQUAL(max_abs_diff(got.vectors, want.vectors), 0.0);
-  BOOST_REQUIRE_GT(history->size(), 5u);
+  const PowerIteration p_want = power_iteration(fresh, 15), p_got = power_iteration(keeping, 15);
+  BOOST_CHECK_EQUAL(p_got.value, p_want.value);
+  BOOST_CHECK_CLOSE(p_got.residual, p_want.residual, 1e-12);  // (percent) summed in another order
+  BOOST_REQUIRE_GT(history->size(), 20u);
   for (const auto& [block, result] : *history) BOOST_CHECK_EQUAL(max_abs_diff(result, fresh(block)), 0.0);
   // the identity hands back its input: a view of the basis itself
   const LinearOperator identity(50, [](const Tensor& block) { return block; }, "identity");
   const Eigenpairs one = lanczos(identity, options(1, Which::largest));
   BOOST_CHECK_SMALL(one.values.data()[0] - 1.0, 1e-14);
   BOOST_CHECK_SMALL(one.residuals.data()[0], 1e-14);
+  const PowerIteration p_one = power_iteration(identity, 5);
+  BOOST_CHECK_SMALL(p_one.value - 1.0, 1e-14);
+  BOOST_CHECK_SMALL(p_one.residual, 1e-14);
 }
 
 BOOST_AUTO_TEST_CASE(same_seed_same_bits) {

@@ -115,6 +115,26 @@ double combine(const double* p, double* own, double alpha, const double* v, doub
 // costs several times a dot product; vectors here are far from overflowing.
 double norm(const double* x, std::size_t n) { return std::sqrt(cblas_ddot(int(n), x, 1, x, 1)); }
 
+namespace {
+
+// True when nothing but `t` holds its values: an operator may return a result
+// it keeps, or its input (a view of the basis); only its own may be overwritten.
+bool is_own(const Tensor& t) { return t.impl().use_count() == 1 && t.impl()->storage.use_count() == 1; }
+
+// ‖y − θ x‖ over n entries. `own` is y's buffer when y may be overwritten
+// (then on BLAS's threads), else null.
+double residual(const double* y, double* own, double theta, const double* x, std::size_t n) {
+  if (own) {
+    cblas_daxpy(int(n), -theta, x, 1, own, 1);
+    return norm(own, n);
+  }
+  double sum = 0;
+  for (std::size_t e = 0; e < n; ++e) sum += (y[e] - theta * x[e]) * (y[e] - theta * x[e]);
+  return std::sqrt(sum);
+}
+
+}  // namespace
+
 KrylovBasis::KrylovBasis(const LinearOperator& op, std::size_t capacity, std::size_t block_size, Generator& gen,
                          bool restart, bool always_full)
     : op_(op), n_(op.size()), capacity_(capacity), block_(block_size), gen_(gen), restart_(restart),
@@ -193,11 +213,8 @@ void KrylovBasis::step() {
       full = needs_full_pass(b0, alpha, size) || always_full_;
       normalized = !full && size > 1e-12 * anorm_ && m_ < n_;
     }
-    // the product's values are ours to overwrite unless the operator keeps
-    // them (a cached result, or a view of its input: the basis itself)
-    const bool ours = product.impl().use_count() == 1 && product.impl()->storage.use_count() == 1;
-    const double written = combine(product.data(), ours ? product.mutable_data() : nullptr, alpha, vj, gamma, vp,
-                                   normalized ? 1.0 / size : 1.0, n_, w);
+    const double written = combine(product.data(), is_own(product) ? product.mutable_data() : nullptr, alpha, vj,
+                                   gamma, vp, normalized ? 1.0 / size : 1.0, n_, w);
     if (normalized) {
       const double length = std::sqrt(written);  // 1 to rounding
       if (std::abs(length - 1.0) > 1e-12) cblas_dscal(int(n_), 1.0 / length, w, 1);
@@ -508,16 +525,15 @@ Eigenpairs lanczos(const LinearOperator& op, const LanczosOptions& o) {
                 s.eigen.vector(pairs[i].index), 1, 0.0, out.vectors.mutable_data() + i * n, 1);
     out.values.mutable_data()[i] = pairs[i].value;
   }
-  const Tensor ax = op(out.vectors);
+  Tensor ax = op(out.vectors);
+  double* own = detail::is_own(ax) ? ax.mutable_data() : nullptr;
   const double tolerance = o.tolerance * spectral_scale(pairs);
   out.converged = true;
   for (std::size_t i = 0; i < k; ++i) {
-    const double* x = out.vectors.data() + i * n;
-    const double* y = ax.data() + i * n;
-    double sum = 0;
-    for (std::size_t e = 0; e < n; ++e) sum += (y[e] - pairs[i].value * x[e]) * (y[e] - pairs[i].value * x[e]);
-    out.residuals.mutable_data()[i] = std::sqrt(sum);
-    out.converged = out.converged && std::sqrt(sum) <= tolerance;
+    const double r = detail::residual(ax.data() + i * n, own ? own + i * n : nullptr, pairs[i].value,
+                              out.vectors.data() + i * n, n);
+    out.residuals.mutable_data()[i] = r;
+    out.converged = out.converged && r <= tolerance;
   }
   out.products = op.products() - products_before;
   return out;
@@ -543,18 +559,20 @@ PowerIteration power_iteration(const LinearOperator& op, std::size_t steps, std:
   for (std::size_t i = 1; i < steps; ++i) {
     const double size = detail::norm(av.data(), n);
     if (!(size > 0)) break;  // A v = 0: v is an eigenvector of 0
-    v = Tensor::empty({n});  // av / ‖av‖ in one pass (a clone, then a scale, would be two)
-    const double* a = av.data();
-    double* x = v.mutable_data();
-    for (std::size_t e = 0; e < n; ++e) x[e] = a[e] / size;
+    if (detail::is_own(av)) {  // scaled in place, on BLAS's threads
+      cblas_dscal(int(n), 1.0 / size, av.mutable_data(), 1);
+      v = std::move(av);
+    } else {  // av / ‖av‖ in one pass (a clone, then a scale, would be two)
+      v = Tensor::empty({n});
+      const double* a = av.data();
+      double* x = v.mutable_data();
+      for (std::size_t e = 0; e < n; ++e) x[e] = a[e] / size;
+    }
     av = op(v);
   }
   PowerIteration out;
   out.value = cblas_ddot(int(n), v.data(), 1, av.data(), 1);
-  const double *a = av.data(), *x = v.data();
-  double sum = 0;
-  for (std::size_t e = 0; e < n; ++e) sum += (a[e] - out.value * x[e]) * (a[e] - out.value * x[e]);
-  out.residual = std::sqrt(sum);
+  out.residual = detail::residual(av.data(), detail::is_own(av) ? av.mutable_data() : nullptr, out.value, v.data(), n);
   out.vector = v;
   out.products = op.products() - products_before;
   return out;
