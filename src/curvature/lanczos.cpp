@@ -195,10 +195,10 @@ void KrylovBasis::step() {
   bool full = pj > 1;       // a pass against the whole basis
   bool normalized = false;  // W is already the next basis vector
   if (pj == 1) {
-    // Single vectors, the common case, in two reads of memory: the three dot
-    // products, then W written scaled. When the local pass removes less than
-    // 3/4 of ‖A v‖², one pass is enough (DGKS) and Pythagoras gives ‖W‖ to
-    // rounding before W is written.
+    // Single vectors, the common case: the three dot products, then W
+    // written scaled. When the local pass removes less than 3/4 of ‖A v‖²,
+    // one pass is enough (DGKS) and Pythagoras gives ‖W‖ to rounding before
+    // W is written.
     const double* vj = row(b0);
     const double* vp = previous < b0 ? row(previous) : nullptr;
     double alpha = 0, gamma = 0, pp = 0;
