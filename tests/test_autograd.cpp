@@ -97,6 +97,27 @@ BOOST_AUTO_TEST_CASE(non_scalar_backward_needs_a_seed) {
   HESSE_CHECK_CLOSE(x.grad(), seed * 2.0, 0.0);
 }
 
+// A rule must give each input a gradient of its shape, behind the seed's batch
+// dims; the engine names the op and the shapes when one does not.
+BOOST_AUTO_TEST_CASE(a_rule_with_wrong_gradient_shapes_is_reported) {
+  Tensor x = ones(S({2, 3}), true);
+  auto op = [](const Tensor& in, Shape grad_shape) {
+    Tensor out = in.detach() * 2.0;  // an op records a fresh tensor
+    return detail::record("faulty", out, {in}, [grad_shape](const Tensor&, const Tensor&, Needs) {
+      return std::vector<Tensor>{zeros(grad_shape)};
+    });
+  };
+  HESSE_CHECK_THROWS(grad(sum(op(x, S({3, 2}))), x), Error, "faulty");
+  HESSE_CHECK_THROWS(grad(sum(op(x, S({3, 2}))), x), Error, "[3, 2]");
+  HESSE_CHECK_THROWS(grad(sum(op(x, S({2, 3, 1}))), x), Error, "[2, 3, 1]");
+  // batched seeds: the gradient must keep the batch dims in front
+  GradOptions batched;
+  batched.batched_grad_outputs = true;
+  HESSE_CHECK_THROWS(grad({op(x, S({2, 3}))}, {x}, {ones(S({4, 2, 3}))}, batched), Error, "batch [4]");
+  HESSE_CHECK_THROWS(grad({op(x, S({5, 2, 3}))}, {x}, {ones(S({4, 2, 3}))}, batched), Error, "[5, 2, 3]");
+  BOOST_TEST(grad(op(x, S({4, 2, 3})), x, ones(S({4, 2, 3})), batched).shape() == S({4, 2, 3}));
+}
+
 BOOST_AUTO_TEST_CASE(one_element_non_scalar_needs_no_seed) {
   Tensor x = reshape(Tensor{3.0}, {1, 1}).requires_grad_();
   (x * x).backward();

@@ -342,17 +342,23 @@ class Pass {
     return Tensor(std::move(impl));
   }
 
+  // Each gradient has the shape of its input behind g's leading batch dims
+  // (compared in place: this runs for every rule).
   void check_grads(const Node* n, const Tensor& g, const std::vector<Tensor>& grads) const {
     if (grads.size() != n->edges.size())
       throw Error(detail::message(n->name, "backward returned ", grads.size(), " gradients for ",
                                   n->edges.size(), " inputs"));
-    const Shape batch = detail::batch_dims(g, n->output_shape);
+    const Shape& gs = g.shape();
+    const std::size_t batch = gs.size() - n->output_shape.size();
     for (std::size_t k = 0; k < grads.size(); ++k) {
       if (!grads[k].defined() || !n->edges[k].active()) continue;
-      if (grads[k].shape() != detail::concat_shape(batch, shape_of(n->edges[k])))
-        throw Error(detail::message(n->name, "backward produced a gradient of shape ", to_string(grads[k].shape()),
-                                    " for input ", k, " of shape ", to_string(shape_of(n->edges[k])),
-                                    " (batch ", to_string(batch), ")"));
+      const Shape& got = grads[k].shape();
+      const Shape& input = shape_of(n->edges[k]);
+      if (got.size() != batch + input.size() || !std::equal(gs.begin(), gs.begin() + std::ptrdiff_t(batch), got.begin()) ||
+          !std::equal(input.begin(), input.end(), got.begin() + std::ptrdiff_t(batch)))
+        throw Error(detail::message(n->name, "backward produced a gradient of shape ", to_string(got), " for input ",
+                                    k, " of shape ", to_string(input), " (batch ",
+                                    to_string(detail::batch_dims(g, n->output_shape)), ")"));
     }
   }
 
