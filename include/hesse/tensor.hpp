@@ -127,9 +127,9 @@ class Tensor {
   static Tensor empty(const Shape& shape);
 
   bool defined() const { return impl_ != nullptr; }
-  const Shape& shape() const;
+  const Shape& shape() const { return checked().shape; }
   std::size_t ndim() const { return shape().size(); }
-  std::size_t numel() const;
+  std::size_t numel() const { return checked().numel; }
   /// Size of one axis; negative axes count from the end.
   std::size_t size(int axis) const;
 
@@ -137,11 +137,11 @@ class Tensor {
   xt::xarray<double> value() const;
   /// The single value of a one-element tensor.
   double item() const;
-  const double* data() const;
+  const double* data() const { return checked().storage->read() + impl_->offset; }
   /// Writable storage; for optimisers and kernels, outside the tape.
-  double* mutable_data();
+  double* mutable_data() { return checked().storage->write() + impl_->offset; }
 
-  bool requires_grad() const;
+  bool requires_grad() const { return checked().requires_grad; }
   /// Marks a leaf as a variable to differentiate by (or not).
   Tensor& requires_grad_(bool flag = true);
   /// True for tensors not made by a recorded op.
@@ -163,7 +163,12 @@ class Tensor {
   explicit Tensor(std::shared_ptr<detail::TensorImpl> impl) : impl_(std::move(impl)) {}
 
  private:
-  const detail::TensorImpl& checked() const;
+  // (the accessors are inline: kernels call them per op, and often)
+  const detail::TensorImpl& checked() const {
+    if (!impl_) undefined();
+    return *impl_;
+  }
+  [[noreturn]] static void undefined();
   std::shared_ptr<detail::TensorImpl> impl_;
 };
 

@@ -153,13 +153,7 @@ Tensor::Tensor(std::initializer_list<std::initializer_list<std::initializer_list
 
 // ---- accessors ----
 
-const detail::TensorImpl& Tensor::checked() const {
-  if (!impl_) throw ValueError("hesse::Tensor: use of an undefined tensor");
-  return *impl_;
-}
-
-const Shape& Tensor::shape() const { return checked().shape; }
-std::size_t Tensor::numel() const { return checked().numel; }
+void Tensor::undefined() { throw ValueError("hesse::Tensor: use of an undefined tensor"); }
 
 std::size_t Tensor::size(int axis) const {
   return shape()[detail::normalize_axis("Tensor::size", axis, shape())];
@@ -173,16 +167,6 @@ double Tensor::item() const {
   return data()[0];
 }
 
-const double* Tensor::data() const {
-  const auto& impl = checked();
-  return impl.storage->read() + impl.offset;
-}
-double* Tensor::mutable_data() {
-  const auto& impl = checked();
-  return impl.storage->write() + impl.offset;
-}
-
-bool Tensor::requires_grad() const { return checked().requires_grad; }
 
 Tensor& Tensor::requires_grad_(bool flag) {
   if (!is_leaf())
