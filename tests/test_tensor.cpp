@@ -119,6 +119,18 @@ BOOST_AUTO_TEST_CASE(zeros_ones_full) {
   BOOST_TEST(zeros_like(f).data()[5] == 0.0);
 }
 
+BOOST_AUTO_TEST_CASE(undefined_tensor_use_is_a_value_error) {
+  Tensor u;
+  BOOST_TEST(!u.defined());
+  HESSE_CHECK_THROWS(u.shape(), hesse::ValueError, "undefined tensor");
+  HESSE_CHECK_THROWS(u.numel(), hesse::ValueError, "undefined tensor");
+  HESSE_CHECK_THROWS(u.ndim(), hesse::ValueError, "undefined tensor");
+  HESSE_CHECK_THROWS(u.data(), hesse::ValueError, "undefined tensor");
+  HESSE_CHECK_THROWS(u.mutable_data(), hesse::ValueError, "undefined tensor");
+  HESSE_CHECK_THROWS(u.requires_grad(), hesse::ValueError, "undefined tensor");
+  HESSE_CHECK_THROWS(u.item(), hesse::ValueError, "undefined tensor");
+}
+
 BOOST_AUTO_TEST_CASE(eye_square_and_rectangular) {
   Tensor i3 = eye(3);
   BOOST_TEST((i3.shape() == S({3, 3})));
