@@ -71,8 +71,9 @@ struct NodeList {
     if (!spare_gone && !spare.lists.empty()) nodes = std::move(spare.lists.back()), spare.lists.pop_back();
   }
   ~NodeList() {
-    nodes.clear();
-    if (!spare_gone && spare.lists.size() < 8) spare.lists.push_back(std::move(nodes));
+    nodes.clear();  // (a list grown by a huge graph is not kept)
+    if (!spare_gone && spare.lists.size() < 8 && nodes.capacity() <= (std::size_t(1) << 16))
+      spare.lists.push_back(std::move(nodes));
   }
   NodeList(const NodeList&) = delete;
   NodeList& operator=(const NodeList&) = delete;

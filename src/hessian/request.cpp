@@ -230,7 +230,8 @@ double* ColumnSum::values() {
 bool ColumnSum::adopt(const Tensor& part) {
   part.data();  // deferred values are computed (and the buffer taken) first
   const std::shared_ptr<TensorImpl>& impl = part.impl();
-  if (impl->offset != 0 || impl->storage.use_count() != 1 || impl->storage->capacity < sel_.n) return false;
+  if (impl.use_count() != 1 || impl->offset != 0 || impl->storage.use_count() != 1 || impl->storage->capacity < sel_.n)
+    return false;
   auto row = make_cached<TensorImpl>();
   row->shape = {1, sel_.n};
   row->numel = sel_.n;

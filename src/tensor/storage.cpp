@@ -48,6 +48,8 @@ constexpr std::size_t kLargestCachedBlock = 0;
 constexpr std::size_t kLargestCachedBlock = 512;
 #endif
 constexpr std::size_t kMaxCachedBlocks = 4096;    // per size and thread
+// cache lines: small tensors' values live in blocks too, aligned like the pool's
+constexpr std::align_val_t kBlockAlignment{64};
 constexpr std::size_t kSlots = kLargestCachedBlock / 16 + 1;
 
 struct FreeBlock {
@@ -73,7 +75,7 @@ struct CacheReleaser {
     for (FreeBlock*& h : cache.head)
       while (h) {
         FreeBlock* next = h->next;
-        ::operator delete(h);
+        ::operator delete(h, kBlockAlignment);
         h = next;
       }
   }
@@ -97,7 +99,7 @@ void* take_block(std::size_t size) {
       return b;
     }
   }
-  return ::operator new(slot * 16);
+  return ::operator new(slot * 16, kBlockAlignment);
 }
 
 void give_block(void* block, std::size_t size) {
@@ -111,13 +113,18 @@ void give_block(void* block, std::size_t size) {
       return;
     }
   }
-  ::operator delete(block);
+  ::operator delete(block, kBlockAlignment);
 }
 
 Storage::Storage(std::size_t n) {
   // rounding up and the byte count must not wrap around
   if (n > std::numeric_limits<std::size_t>::max() / (2 * sizeof(double))) throw std::bad_alloc();
   const std::size_t want = round_capacity(n);
+  if (want * sizeof(double) <= kLargestCachedBlock) {  // small: this thread's blocks, no lock
+    capacity = want;
+    data_ = static_cast<double*>(take_block(want * sizeof(double)));
+    return;
+  }
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mutex);
@@ -138,8 +145,12 @@ Storage::Storage(std::size_t n) {
 Storage::~Storage() {
   if (pending_values_ || has_readers_.load(std::memory_order_acquire)) forget_deferral();
   if (!data_) return;  // deferred values never computed took no buffer
-  Pool& p = pool();
   const std::size_t bytes = capacity * sizeof(double);
+  if (bytes <= kLargestCachedBlock) {
+    give_block(data_, bytes);
+    return;
+  }
+  Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mutex);
     if (p.cached_bytes + bytes <= kMaxPooledBytes) {
