@@ -289,7 +289,8 @@ BOOST_AUTO_TEST_CASE(single_vector_products_over_batches) {
       {"hessian", loss_hessian_operator(*net, mse, data, unit)},
       {"ggn", ggn_operator(*net, mse, data, unit)},
       {"fisher", empirical_fisher_operator(*net, mse, data, unit)},
-      {"hessian, one batch", loss_hessian_operator(*net, mse, {x}, t)}};
+      {"hessian, one batch", loss_hessian_operator(*net, mse, {x}, t)},
+      {"hessian, dataset mean (weights 2/6, 4/6)", loss_hessian_operator(*net, mse, data)}};
   for (const auto& [name, op] : ops) {
     BOOST_TEST_CONTEXT(name) {
       const Tensor dense = to_dense(op, 64);  // blocks of rows: never built in a part
