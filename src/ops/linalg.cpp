@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include "hesse/profile.hpp"
 #include "../detail.hpp"
@@ -188,17 +189,41 @@ void matmul_shared_a(const Tensor& a, const Tensor& b, bool ta, bool tb, const M
       std::copy(tmp + (r * batches + i) * n, tmp + (r * batches + i + 1) * n, c + (i * m + r) * n);
 }
 
-// C[i] = op(A[i]) op(B[i]) over the broadcast batch, each by small_gemm.
-template <bool TA, bool TB>
-void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double* pc) {
+// C[i] = op(A[i]) op(B[i]) over the broadcast batch, each by `product`.
+template <class Product>
+void each_of_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double* pc, Product product) {
   const std::size_t a_mat = d.m * d.k, b_mat = d.k * d.n, c_mat = d.m * d.n;
   const double* pa = a.data();
   const double* pb = b.data();
   detail::for_each_broadcast(d.batch, detail::broadcast_strides(lead(a.shape()), d.batch),
                              detail::broadcast_strides(lead(b.shape()), d.batch),
                              [&](std::size_t io, std::size_t ia, std::size_t ib) {
-                               small_gemm<TA, TB>(d, pa + ia * a_mat, pb + ib * b_mat, pc + io * c_mat);
+                               product(d, pa + ia * a_mat, pb + ib * b_mat, pc + io * c_mat);
                              });
+}
+
+// A batch of tiny products: the kernel is chosen once for the batch, so that
+// 2 × 2 products run as inlined straight-line dots (per-sample Hessians of
+// small parameter matrices are made of them).
+template <bool TA, bool TB>
+void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double* pc) {
+  // (lambdas, not function pointers: each is its own type, inlined in its loop)
+  auto dots = [&](auto k) {
+    each_of_batch(a, b, d, pc, [](const MatmulDims& dm, const double* x, const double* y, double* z) {
+      dot_gemm<TA, TB, decltype(k)::value>(dm, x, y, z);
+    });
+  };
+  if (TB || d.m * d.n * d.k <= 64) {
+    switch (d.k) {
+      case 2: return dots(std::integral_constant<std::size_t, 2>());
+      case 3: return dots(std::integral_constant<std::size_t, 3>());
+      case 4: return dots(std::integral_constant<std::size_t, 4>());
+      default: return dots(std::integral_constant<std::size_t, 0>());
+    }
+  }
+  each_of_batch(a, b, d, pc, [](const MatmulDims& dm, const double* x, const double* y, double* z) {
+    small_gemm<TA, TB>(dm, x, y, z);
+  });
 }
 
 // c = op(A) op(B), written into c (batch + [m, n] values).
