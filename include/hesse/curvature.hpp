@@ -172,6 +172,8 @@ struct Eigenpairs {
 /// from a random vector orthogonal to it, until a restart finds nothing beyond
 /// the k-th value, so repeated eigenvalues come out with their multiplicity.
 /// Not converging within max_products is reported (converged = false), not thrown.
+/// Same seed, same bits, for a given OpenBLAS thread count (long vectors'
+/// dot products are split over its threads).
 Eigenpairs lanczos(const LinearOperator& op, const LanczosOptions& options = {});
 
 struct PowerIteration {
