@@ -40,7 +40,7 @@ struct CachedAllocator {
   CachedAllocator() = default;
   template <class U>
   CachedAllocator(const CachedAllocator<U>&) {}
-  static_assert(alignof(T) <= alignof(std::max_align_t), "recycled blocks have the default alignment");
+  static_assert(alignof(T) <= 64, "recycled blocks are 64-byte aligned");
   T* allocate(std::size_t n) {
     return n == 1 ? static_cast<T*>(take_block(sizeof(T))) : std::allocator<T>().allocate(n);
   }

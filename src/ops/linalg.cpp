@@ -53,6 +53,7 @@ constexpr std::size_t kSmallGemm = 512;  // m·n·k up to which a plain loop bea
 // Tiny products (per-sample Hessians are full of them) cost more in BLAS's
 // call and packing overhead than in arithmetic: a plain loop does them.
 // Each c[i][j] sums its k products in order from 0.0, whichever loop order.
+
 // c[i][j] as dot products. K > 0 fixes k at compile time: the dots of the
 // tiniest products (2 × 2 parameter matrices) become straight-line code; and
 // c never overlaps a or b, which spares them the overlap tests of vectorised
@@ -69,19 +70,34 @@ void dot_gemm(const MatmulDims& d, const double* __restrict a, const double* __r
     }
 }
 
+// Dot products when rows of B are contiguous in p, or when the product is so
+// small that the vectorised axpy loop's set-up outweighs its work.
+template <bool TB>
+bool by_dots(const MatmulDims& d) {
+  return TB || d.m * d.n * d.k <= 64;
+}
+
+// use(kernel) with the dot kernel for k (unrolled for 2 to 4); each kernel is
+// a lambda of its own type, so that a loop calling it inlines it.
+template <bool TA, bool TB, class Use>
+void with_dots(std::size_t k, Use use) {
+  auto kernel = [](auto fixed_k) {
+    return [](const MatmulDims& d, const double* a, const double* b, double* c) {
+      dot_gemm<TA, TB, decltype(fixed_k)::value>(d, a, b, c);
+    };
+  };
+  switch (k) {
+    case 2: return use(kernel(std::integral_constant<std::size_t, 2>()));
+    case 3: return use(kernel(std::integral_constant<std::size_t, 3>()));
+    case 4: return use(kernel(std::integral_constant<std::size_t, 4>()));
+    default: return use(kernel(std::integral_constant<std::size_t, 0>()));
+  }
+}
+
 template <bool TA, bool TB>
 void small_gemm(const MatmulDims& d, const double* a, const double* b, double* c) {
+  if (by_dots<TB>(d)) return with_dots<TA, TB>(d.k, [&](auto dots) { dots(d, a, b, c); });
   const std::size_t m = d.m, n = d.n, k = d.k;
-  // rows of B contiguous in p, or products so small that the vectorised axpy
-  // loop's set-up outweighs its work: dot products
-  if (TB || m * n * k <= 64) {
-    switch (k) {
-      case 2: return dot_gemm<TA, TB, 2>(d, a, b, c);
-      case 3: return dot_gemm<TA, TB, 3>(d, a, b, c);
-      case 4: return dot_gemm<TA, TB, 4>(d, a, b, c);
-      default: return dot_gemm<TA, TB>(d, a, b, c);
-    }
-  }
   for (std::size_t i = 0; i < m; ++i) {  // rows of B are contiguous in j: axpy order, vectorised
     double* ci = c + i * n;
     for (std::size_t j = 0; j < n; ++j) ci[j] = 0.0;
@@ -207,20 +223,7 @@ void each_of_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double
 // small parameter matrices are made of them).
 template <bool TA, bool TB>
 void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double* pc) {
-  // (lambdas, not function pointers: each is its own type, inlined in its loop)
-  auto dots = [&](auto k) {
-    each_of_batch(a, b, d, pc, [](const MatmulDims& dm, const double* x, const double* y, double* z) {
-      dot_gemm<TA, TB, decltype(k)::value>(dm, x, y, z);
-    });
-  };
-  if (TB || d.m * d.n * d.k <= 64) {
-    switch (d.k) {
-      case 2: return dots(std::integral_constant<std::size_t, 2>());
-      case 3: return dots(std::integral_constant<std::size_t, 3>());
-      case 4: return dots(std::integral_constant<std::size_t, 4>());
-      default: return dots(std::integral_constant<std::size_t, 0>());
-    }
-  }
+  if (by_dots<TB>(d)) return with_dots<TA, TB>(d.k, [&](auto dots) { each_of_batch(a, b, d, pc, dots); });
   each_of_batch(a, b, d, pc, [](const MatmulDims& dm, const double* x, const double* y, double* z) {
     small_gemm<TA, TB>(dm, x, y, z);
   });
