@@ -3,7 +3,8 @@
 // capacity and handed out again; capacities are rounded up to powers of two
 // (small buffers) or 1/16 steps (large ones) so that sizes meet again. Each
 // capacity has its own stack, so taking and returning a buffer allocates nothing.
-// (Deferred values: deferred.cpp.)
+// Buffers of up to 512 bytes are recycled per thread instead, with the blocks
+// of tensors and nodes below: no lock. (Deferred values: deferred.cpp.)
 #include <cstdlib>
 #include <limits>
 #include <unordered_map>
