@@ -307,6 +307,31 @@ BOOST_AUTO_TEST_CASE(diamond_graphs_accumulate) {
   BOOST_TEST(grad(f, z).item() == 3 * 4.0 + 2 * 2.0);
 }
 
+// Sums of incoming gradients may be formed in place (nothing recording, sum
+// unshared): never in a seed, a saved value or a gradient sent elsewhere too.
+BOOST_AUTO_TEST_CASE(summed_gradients_touch_no_other_tensor) {
+  Tensor a = Tensor{1.0, -2.0, 3.0}.requires_grad_();
+  Tensor b = Tensor{0.5, 4.0, -1.0}.requires_grad_();
+  const Tensor ab = a * b;
+  const Tensor y = a + a + ab + exp(a) * 2.0;  // add hands the same tensor to both its inputs
+  const Tensor seed = Tensor{1.0, 10.0, 100.0};
+  const Tensor seed_copy = seed.clone();
+  const Tensor ab_copy = ab.clone();
+  for (int pass = 0; pass < 2; ++pass) {  // the second pass reads the values the first one saved
+    const std::vector<Tensor> g = grad({y}, {a, b}, {seed}, retaining());
+    for (std::size_t i = 0; i < 3; ++i) {
+      const double s = seed.data()[i], ai = a.data()[i], bi = b.data()[i];
+      BOOST_TEST(g[0].data()[i] == s * (2.0 + bi + 2.0 * std::exp(ai)), boost::test_tools::tolerance(1e-15));
+      BOOST_TEST(g[1].data()[i] == s * ai, boost::test_tools::tolerance(1e-15));
+    }
+  }
+  HESSE_CHECK_CLOSE(seed, seed_copy, 0.0);
+  HESSE_CHECK_CLOSE(ab, ab_copy, 0.0);
+  // x + x by x alone: the seed goes to both inputs, the sum is fresh
+  Tensor x = Tensor{2.0, 3.0}.requires_grad_();
+  HESSE_CHECK_CLOSE(grad(x + x, x, slice(seed_copy, 0, 0, 2)), (Tensor{2.0, 20.0}), 0.0);
+}
+
 BOOST_AUTO_TEST_CASE(grad_with_respect_to_a_non_leaf_only) {
   Tensor x = Tensor{0.5, 2.0}.requires_grad_();
   Tensor h = x * x;        // non-leaf
