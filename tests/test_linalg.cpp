@@ -91,7 +91,9 @@ const std::vector<std::pair<Shape, Shape>> kMatmulCases = {
     {{3, 1}, {1, 2}},    {{2, 3, 4}, {4, 2}}, {{3, 4}, {2, 4, 2}},    {{2, 3, 4}, {2, 4, 5}},
     {{2, 1, 3, 4}, {5, 4, 2}}, {{3}, {2, 3, 4}}, {{2, 3, 4}, {4}},     {{1, 2, 3}, {4, 3, 2}},
     {{2, 3, 0}, {0, 2}}, {{0, 3}, {3, 2}}, {{2, 1, 3, 4}, {1, 5, 4, 2}}, {{1, 3, 4}, {2, 4, 2}},
-    {{3, 4}, {1, 1, 4, 2}}, {{2, 3, 4}, {1, 4, 5}}};
+    {{3, 4}, {1, 1, 4, 2}}, {{2, 3, 4}, {1, 4, 5}},
+    // 2 × 2 results (their own kernel): k = 2 and other k, single and batched
+    {{2, 2}, {2, 2}}, {{2, 5}, {5, 2}}, {{3, 2, 2}, {2, 2}}, {{2, 2}, {4, 2, 2}}, {{3, 2, 7}, {3, 7, 2}}};
 
 }  // namespace
 
@@ -152,6 +154,20 @@ BOOST_AUTO_TEST_CASE(matmul_gradients_closed_form) {
   for (std::size_t i = 0; i < 5; ++i)
     want = want + reference_matmul(reference_permute(row(A3, i), {1, 0}), row(G3, i));
   CHECK_CLOSE(g3[1], want, 1e-13);
+  // 2 × 2 results under every transpose flag (their own kernel), k = 2 and
+  // k = 6: A Bᵀ in linear; Aᵀ G for a B shared by a batch of A's (rows stacked)
+  for (const std::size_t r : {std::size_t(1), std::size_t(3)}) {
+    const Tensor a = normal({2, r, 2}, gen), b = normal({2, 2}, gen), gc = randn({2, r, 2}, gen);
+    const std::vector<Tensor> gk = grad({matmul(a, b)}, {a, b}, {gc});
+    Tensor want_b = zeros({2, 2});
+    for (std::size_t i = 0; i < 2; ++i) {
+      CHECK_CLOSE(row(gk[0], i), reference_matmul(row(gc, i), reference_permute(b.detach(), {1, 0})), 1e-14);
+      want_b = want_b + reference_matmul(reference_permute(row(a, i), {1, 0}), row(gc, i));
+    }
+    CHECK_CLOSE(gk[1], want_b, 1e-14);
+    const Tensor x = randn({2, 2 * r}, gen), w = randn({2, 2 * r}, gen);
+    CHECK_CLOSE(linear(x, w), reference_matmul(x, reference_permute(w, {1, 0})), 1e-14);
+  }
 }
 
 BOOST_AUTO_TEST_CASE(matmul_gradcheck) {
@@ -159,7 +175,8 @@ BOOST_AUTO_TEST_CASE(matmul_gradcheck) {
   const std::vector<std::pair<Shape, Shape>> cases = {
       {{3}, {3}},       {{3}, {3, 2}},       {{2, 3}, {3}},       {{2, 3}, {3, 2}},     {{2, 2, 3}, {3, 2}},
       {{2, 3}, {2, 3, 2}}, {{2, 1, 2, 3}, {3, 3, 2}}, {{3}, {2, 3, 2}}, {{2, 2, 3}, {3}}, {{3, 1}, {1, 2}},
-      {{2, 1, 2, 3}, {1, 2, 3, 2}}, {{1, 2, 3}, {2, 3, 2}}};
+      {{2, 1, 2, 3}, {1, 2, 3, 2}}, {{1, 2, 3}, {2, 3, 2}}, {{2, 2}, {2, 2}}, {{3, 2, 2}, {2, 2}}, {{2, 2}, {3, 2, 2}},
+      {{4, 3, 2}, {2, 2}}};
   for (const auto& [sa, sb] : cases) {
     const Tensor a = normal(sa, gen), b = normal(sb, gen);
     check_derivatives("matmul " + to_string(sa) + " @ " + to_string(sb), kMatmul, {a, b});
@@ -223,7 +240,8 @@ BOOST_AUTO_TEST_CASE(transposes_of_every_size_class) {
   // and empty matrices.
   Generator gen(41);
   for (const Shape& s : {Shape{1, 1}, Shape{3, 2}, Shape{4, 4}, Shape{5, 7}, Shape{9, 64}, Shape{8, 65},
-                         Shape{13, 130}, Shape{130, 13}, Shape{3, 6, 5}, Shape{2, 2, 4, 9}, Shape{2, 0, 3}}) {
+                         Shape{13, 130}, Shape{130, 13}, Shape{3, 6, 5}, Shape{2, 2, 4, 9}, Shape{2, 0, 3},
+                         Shape{2, 2}, Shape{5, 2, 2}}) {
     const Tensor x = randn(s, gen);
     std::vector<std::size_t> perm(s.size());
     std::iota(perm.begin(), perm.end(), std::size_t(0));

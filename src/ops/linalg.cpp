@@ -70,6 +70,23 @@ void dot_gemm(const MatmulDims& d, const double* __restrict a, const double* __r
     }
 }
 
+// c = op(A) op(B) for 2 × 2 results (the seed's model is made of them): the
+// four sums stay in registers through one loop over p, in the same order.
+template <bool TA, bool TB, std::size_t K = 0>
+void dot_gemm_2x2(const MatmulDims& d, const double* __restrict a, const double* __restrict b, double* __restrict c) {
+  const std::size_t k = K ? K : d.k;
+  double c00 = 0.0, c01 = 0.0, c10 = 0.0, c11 = 0.0;
+  for (std::size_t p = 0; p < k; ++p) {
+    const double a0 = TA ? a[p * 2] : a[p], a1 = TA ? a[p * 2 + 1] : a[k + p];
+    const double b0 = TB ? b[p] : b[p * 2], b1 = TB ? b[k + p] : b[p * 2 + 1];
+    c00 += a0 * b0;
+    c01 += a0 * b1;
+    c10 += a1 * b0;
+    c11 += a1 * b1;
+  }
+  c[0] = c00, c[1] = c01, c[2] = c10, c[3] = c11;
+}
+
 // Dot products when rows of B are contiguous in p, or when the product is so
 // small that the vectorised axpy loop's set-up outweighs its work.
 template <bool TB>
@@ -77,15 +94,24 @@ bool by_dots(const MatmulDims& d) {
   return TB || d.m * d.n * d.k <= 64;
 }
 
-// use(kernel) with the dot kernel for k (unrolled for 2 to 4); each kernel is
-// a lambda of its own type, so that a loop calling it inlines it.
+// use(kernel) with the dot kernel for m × n results and k (2 × 2 results in
+// registers; k unrolled for 2 to 4); each kernel is a lambda of its own type,
+// so that a loop calling it inlines it.
 template <bool TA, bool TB, class Use>
-void with_dots(std::size_t k, Use use) {
+void with_dots(std::size_t m, std::size_t n, std::size_t k, Use use) {
   auto kernel = [](auto fixed_k) {
     return [](const MatmulDims& d, const double* a, const double* b, double* c) {
       dot_gemm<TA, TB, decltype(fixed_k)::value>(d, a, b, c);
     };
   };
+  auto kernel_2x2 = [](auto fixed_k) {
+    return [](const MatmulDims& d, const double* a, const double* b, double* c) {
+      dot_gemm_2x2<TA, TB, decltype(fixed_k)::value>(d, a, b, c);
+    };
+  };
+  if (m == 2 && n == 2)
+    return k == 2 ? use(kernel_2x2(std::integral_constant<std::size_t, 2>()))
+                  : use(kernel_2x2(std::integral_constant<std::size_t, 0>()));
   switch (k) {
     case 2: return use(kernel(std::integral_constant<std::size_t, 2>()));
     case 3: return use(kernel(std::integral_constant<std::size_t, 3>()));
@@ -96,7 +122,7 @@ void with_dots(std::size_t k, Use use) {
 
 template <bool TA, bool TB>
 void small_gemm(const MatmulDims& d, const double* a, const double* b, double* c) {
-  if (by_dots<TB>(d)) return with_dots<TA, TB>(d.k, [&](auto dots) { dots(d, a, b, c); });
+  if (by_dots<TB>(d)) return with_dots<TA, TB>(d.m, d.n, d.k, [&](auto dots) { dots(d, a, b, c); });
   const std::size_t m = d.m, n = d.n, k = d.k;
   for (std::size_t i = 0; i < m; ++i) {  // rows of B are contiguous in j: axpy order, vectorised
     double* ci = c + i * n;
@@ -223,7 +249,7 @@ void each_of_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double
 // small parameter matrices are made of them).
 template <bool TA, bool TB>
 void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double* pc) {
-  if (by_dots<TB>(d)) return with_dots<TA, TB>(d.k, [&](auto dots) { each_of_batch(a, b, d, pc, dots); });
+  if (by_dots<TB>(d)) return with_dots<TA, TB>(d.m, d.n, d.k, [&](auto dots) { each_of_batch(a, b, d, pc, dots); });
   each_of_batch(a, b, d, pc, [](const MatmulDims& dm, const double* x, const double* y, double* z) {
     small_gemm<TA, TB>(dm, x, y, z);
   });
@@ -447,7 +473,12 @@ void transpose_into(const double* src, std::size_t src_stride, std::size_t rows,
 
 void transpose_each(const double* src, std::size_t batches, std::size_t rows, std::size_t cols, double* dst) {
   const std::size_t size = rows * cols;
-  if (rows < 4) {  // short matrices (2 × 2 ones by the hundred): one flat loop
+  if (rows == 2 && cols == 2) {  // 2 × 2 ones by the hundred (the seed's model)
+    for (std::size_t i = 0; i < batches; ++i, src += 4, dst += 4)
+      dst[0] = src[0], dst[1] = src[2], dst[2] = src[1], dst[3] = src[3];
+    return;
+  }
+  if (rows < 4) {  // short matrices: one flat loop
     for (std::size_t i = 0; i < batches; ++i)
       for (std::size_t r = 0; r < rows; ++r)
         for (std::size_t c = 0; c < cols; ++c) dst[i * size + c * rows + r] = src[i * size + r * cols + c];
