@@ -26,38 +26,10 @@ inline Tensor make(const Shape& shape) { return Tensor::empty(shape); }
 // thread-locals are a few hundred bytes of static TLS).
 #define HESSE_FAST_TLS __attribute__((tls_model("initial-exec")))
 
-// Blocks of one size recycled per thread. Tensors, storages and nodes are made
-// and dropped by the hundred for every small Hessian, in bursts larger than
-// malloc's per-thread cache (7 blocks a size): past it, every free and malloc
-// takes glibc's slow path. Blocks freed on another thread join that thread's
-// cache; a cache keeps at most kMaxCachedBlocks and frees them when its thread ends.
-void* take_block(std::size_t size);
-void give_block(void* block, std::size_t size);
-
-template <class T>
-struct CachedAllocator {
-  using value_type = T;
-  CachedAllocator() = default;
-  template <class U>
-  CachedAllocator(const CachedAllocator<U>&) {}
-  static_assert(alignof(T) <= 64, "recycled blocks are 64-byte aligned");
-  T* allocate(std::size_t n) {
-    return n == 1 ? static_cast<T*>(take_block(sizeof(T))) : std::allocator<T>().allocate(n);
-  }
-  void deallocate(T* p, std::size_t n) {
-    if (n == 1) give_block(p, sizeof(T));
-    else std::allocator<T>().deallocate(p, n);
-  }
-  template <class U>
-  bool operator==(const CachedAllocator<U>&) const { return true; }
-  template <class U>
-  bool operator!=(const CachedAllocator<U>&) const { return false; }
-};
-
 /// std::make_shared with the object and its count in a recycled block.
 template <class T, class... Args>
 std::shared_ptr<T> make_cached(Args&&... args) {
-  return std::allocate_shared<T>(CachedAllocator<T>(), std::forward<Args>(args)...);
+  return std::allocate_shared<T>(BlockAllocator<T>(), std::forward<Args>(args)...);
 }
 
 /// A tensor whose values fill(operands, out) computes on first access, for a

@@ -9,6 +9,8 @@
 #include <initializer_list>
 #include <memory>
 #include <optional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "hesse/tensor.hpp"
@@ -26,12 +28,84 @@ struct Needs {
   bool may_defer(std::size_t i) const { return i < 64 && ((returned_only >> i) & 1u); }
 };
 
+namespace detail {
+// Blocks recycled per thread (storage.cpp). Tensors, storages, nodes, their
+// edges and their rules' closures are made and dropped by the hundred for
+// every small Hessian, in bursts larger than malloc's per-thread cache (7
+// blocks a size): past it, every free and malloc takes glibc's slow path.
+// Blocks are 64-byte aligned; those above 512 bytes come from the heap.
+void* take_block(std::size_t bytes);
+void give_block(void* block, std::size_t bytes);
+
+/// An allocator of recycled blocks.
+template <class T>
+struct BlockAllocator {
+  using value_type = T;
+  BlockAllocator() = default;
+  template <class U>
+  BlockAllocator(const BlockAllocator<U>&) {}
+  static_assert(alignof(T) <= 64, "recycled blocks are 64-byte aligned");
+  T* allocate(std::size_t n) { return static_cast<T*>(take_block(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t n) { give_block(p, n * sizeof(T)); }
+  template <class U>
+  bool operator==(const BlockAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const BlockAllocator<U>&) const { return false; }
+};
+}  // namespace detail
+
 /// A backward rule: given the gradient of the node's output (with any number of
 /// extra leading batch dimensions) and the output itself (defined only for
-/// rules recorded with SaveOutput::yes), return one gradient per input
-/// (undefined where `needs` is false).
-using BackwardRule =
-    std::function<std::vector<Tensor>(const Tensor& grad, const Tensor& output, Needs needs)>;
+/// rules recorded with save_output), return one gradient per input (undefined
+/// where `needs` is false). A move-only std::function whose closure lives in
+/// a recycled block: a rule is made for every recorded op.
+class BackwardRule {
+ public:
+  BackwardRule() = default;
+  BackwardRule(std::nullptr_t) {}
+  template <class F, class = std::enable_if_t<!std::is_same_v<std::decay_t<F>, BackwardRule> &&
+                                              !std::is_same_v<std::decay_t<F>, std::nullptr_t>>>
+  BackwardRule(F&& f) {
+    using Closure = std::decay_t<F>;
+    static_assert(alignof(Closure) <= 64, "recycled blocks are 64-byte aligned");
+    void* block = detail::take_block(sizeof(Closure));
+    try {
+      closure_ = new (block) Closure(std::forward<F>(f));
+    } catch (...) {
+      detail::give_block(block, sizeof(Closure));
+      throw;
+    }
+    call_ = [](void* c, const Tensor& grad, const Tensor& output, Needs needs) {
+      return std::vector<Tensor>((*static_cast<Closure*>(c))(grad, output, needs));
+    };
+    drop_ = [](void* c) {
+      static_cast<Closure*>(c)->~Closure();
+      detail::give_block(c, sizeof(Closure));
+    };
+  }
+  BackwardRule(BackwardRule&& other) noexcept : closure_(other.closure_), call_(other.call_), drop_(other.drop_) {
+    other.closure_ = nullptr;
+  }
+  BackwardRule& operator=(BackwardRule&& other) noexcept {
+    BackwardRule taken(std::move(other));
+    std::swap(closure_, taken.closure_), std::swap(call_, taken.call_), std::swap(drop_, taken.drop_);
+    return *this;
+  }
+  BackwardRule& operator=(std::nullptr_t) { return *this = BackwardRule(); }
+  ~BackwardRule() {
+    if (closure_) drop_(closure_);
+  }
+  explicit operator bool() const { return closure_ != nullptr; }
+  std::vector<Tensor> operator()(const Tensor& grad, const Tensor& output, Needs needs) const {
+    if (!closure_) throw std::bad_function_call();
+    return call_(closure_, grad, output, needs);
+  }
+
+ private:
+  void* closure_ = nullptr;
+  std::vector<Tensor> (*call_)(void*, const Tensor&, const Tensor&, Needs) = nullptr;
+  void (*drop_)(void*) = nullptr;
+};
 
 /// Where a node's input gradient goes: into an earlier node, or into a leaf.
 struct Edge {
@@ -46,7 +120,7 @@ class Node : public std::enable_shared_from_this<Node> {
   const char* name = "";
   std::uint64_t sequence = 0;  // creation order on the tape
   Shape output_shape;
-  std::vector<Edge> edges;
+  std::vector<Edge, detail::BlockAllocator<Edge>> edges;
   BackwardRule rule;
   std::shared_ptr<detail::Storage> saved_output;  // kept only when the rule reads it
   std::size_t saved_offset = 0;                   // where the output starts in saved_output
