@@ -12,6 +12,9 @@ namespace {
 using detail::make;
 using detail::record;
 
+// Which axes a reduction sums (kept inline: sums run for every bias rule).
+using AxisFlags = xt::svector<bool, 8>;
+
 // Σ x[0..n), in four interleaved partial sums: a single running sum waits on
 // each add (4 cycles), four keep the adder busy and let the loop vectorise.
 double sum_run(const double* x, std::size_t n) {
@@ -26,13 +29,13 @@ double sum_run(const double* x, std::size_t n) {
 // Sum over the axes flagged in `reduce`; the result keeps every axis (size 1
 // where reduced). Consecutive axes with the same flag are merged first so
 // that the inner loops run over contiguous memory.
-Tensor sum_kernel(const Tensor& x, const std::vector<bool>& reduce) {
+Tensor sum_kernel(const Tensor& x, const AxisFlags& reduce) {
   Shape kept = x.shape();
   for (std::size_t d = 0; d < kept.size(); ++d)
     if (reduce[d]) kept[d] = 1;
   Tensor out = zeros(kept);
   Shape dims;
-  std::vector<bool> flags;
+  AxisFlags flags;
   for (std::size_t d = 0; d < x.ndim(); ++d) {
     if (x.shape()[d] == 1) continue;
     if (!dims.empty() && flags.back() == reduce[d]) dims.back() *= x.shape()[d];
@@ -83,15 +86,15 @@ Tensor sum_kernel(const Tensor& x, const std::vector<bool>& reduce) {
   return out;
 }
 
-Shape drop_axes(const Shape& s, const std::vector<bool>& reduce) {
+Shape drop_axes(const Shape& s, const AxisFlags& reduce) {
   Shape out;
   for (std::size_t d = 0; d < s.size(); ++d)
     if (!reduce[d]) out.push_back(s[d]);
   return out;
 }
 
-std::vector<bool> axes_mask(const char* op, const Tensor& x, const std::vector<int>& axes) {
-  std::vector<bool> reduce(x.ndim(), false);
+AxisFlags axes_mask(const char* op, const Tensor& x, const std::vector<int>& axes) {
+  AxisFlags reduce(x.ndim(), false);
   for (int a : axes) {
     const std::size_t d = detail::normalize_axis(op, a, x.shape());
     if (reduce[d])
@@ -120,27 +123,8 @@ Tensor regrow(const Tensor& g, const Shape& output_shape, const Shape& kept_shap
   return reshape(g, detail::concat_shape(detail::batch_dims(g, output_shape), kept_shape));
 }
 
-}  // namespace
-
-namespace detail {
-Tensor reduce_grad(const Tensor& grad, const Shape& output_shape, const Shape& input_shape) {
-  const Shape batch = batch_dims(grad, output_shape);
-  const Shape target = concat_shape(batch, input_shape);
-  if (grad.shape() == target) return grad;
-  // sum the dims broadcasting added in front of the input, and those where it
-  // had size 1; a dim of size 1 in the output needs no sum, only the reshape
-  std::vector<int> axes;
-  const std::size_t lead = output_shape.size() - input_shape.size();
-  for (std::size_t d = 0; d < output_shape.size(); ++d)
-    if (output_shape[d] != 1 && (d < lead || input_shape[d - lead] == 1)) axes.push_back(int(batch.size() + d));
-  Tensor summed = axes.empty() ? grad : sum(grad, axes, /*keepdim=*/true);
-  return reshape(summed, target);
-}
-}  // namespace detail
-
 // (Σ x)' = 1: the gradient is broadcast back over the reduced axes
-Tensor sum(const Tensor& x, const std::vector<int>& axes, bool keepdim) {
-  const std::vector<bool> reduce = axes_mask("sum", x, axes);
+Tensor sum_over(const Tensor& x, const AxisFlags& reduce, bool keepdim) {
   Tensor kept = sum_kernel(x, reduce);
   Tensor out = keepdim ? kept : detail::with_shape(kept, drop_axes(x.shape(), reduce));
   return record("sum", out, {x},
@@ -150,14 +134,33 @@ Tensor sum(const Tensor& x, const std::vector<int>& axes, bool keepdim) {
                 });
 }
 
-Tensor sum(const Tensor& x) {
-  std::vector<int> all(x.ndim());
-  for (std::size_t d = 0; d < x.ndim(); ++d) all[d] = int(d);
-  return sum(x, all, false);
+}  // namespace
+
+namespace detail {
+Tensor reduce_grad(const Tensor& grad, const Shape& output_shape, const Shape& input_shape) {
+  const Shape batch = batch_dims(grad, output_shape);
+  const Shape target = concat_shape(batch, input_shape);
+  if (grad.shape() == target) return grad;
+  // sum the dims broadcasting added in front of the input, and those where it
+  // had size 1; a dim of size 1 in the output needs no sum, only the reshape
+  AxisFlags reduce(grad.ndim(), false);
+  bool any = false;
+  const std::size_t lead = output_shape.size() - input_shape.size();
+  for (std::size_t d = 0; d < output_shape.size(); ++d)
+    if (output_shape[d] != 1 && (d < lead || input_shape[d - lead] == 1)) reduce[batch.size() + d] = any = true;
+  Tensor summed = any ? sum_over(grad, reduce, /*keepdim=*/true) : grad;
+  return reshape(summed, target);
+}
+}  // namespace detail
+
+Tensor sum(const Tensor& x, const std::vector<int>& axes, bool keepdim) {
+  return sum_over(x, axes_mask("sum", x, axes), keepdim);
 }
 
+Tensor sum(const Tensor& x) { return sum_over(x, AxisFlags(x.ndim(), true), false); }
+
 Tensor mean(const Tensor& x, const std::vector<int>& axes, bool keepdim) {
-  const std::vector<bool> reduce = axes_mask("mean", x, axes);
+  const AxisFlags reduce = axes_mask("mean", x, axes);
   std::size_t count = 1;
   for (std::size_t d = 0; d < x.ndim(); ++d)
     if (reduce[d]) count *= x.shape()[d];
