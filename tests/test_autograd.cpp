@@ -1,6 +1,7 @@
 #define BOOST_TEST_MODULE test_autograd
 #include "test_util.hpp"
 
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -330,6 +331,37 @@ BOOST_AUTO_TEST_CASE(summed_gradients_touch_no_other_tensor) {
   // x + x by x alone: the seed goes to both inputs, the sum is fresh
   Tensor x = Tensor{2.0, 3.0}.requires_grad_();
   HESSE_CHECK_CLOSE(grad(x + x, x, slice(seed_copy, 0, 0, 2)), (Tensor{2.0, 20.0}), 0.0);
+}
+
+// A rule's closure lives in a recycled block: it is destroyed exactly once,
+// moves leave nothing behind, large closures work, an empty rule throws.
+BOOST_AUTO_TEST_CASE(backward_rules_own_their_closures) {
+  auto token = std::make_shared<int>(7);
+  const auto rule_with = [](std::shared_ptr<int> t) {
+    return BackwardRule([t](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g * double(*t)}; });
+  };
+  {
+    BackwardRule a = rule_with(token);
+    BOOST_TEST(token.use_count() == 2);
+    BackwardRule b(std::move(a));
+    BOOST_TEST(!a);
+    BOOST_TEST(token.use_count() == 2);
+    HESSE_CHECK_CLOSE(b(Tensor{1.0, 2.0}, Tensor(), Needs{1, 0})[0], (Tensor{7.0, 14.0}), 0.0);
+    BackwardRule c = rule_with(token);
+    BOOST_TEST(token.use_count() == 3);
+    c = std::move(b);  // c's own closure is destroyed
+    BOOST_TEST(token.use_count() == 2);
+    c = nullptr;
+    BOOST_TEST(token.use_count() == 1);
+    BOOST_CHECK_THROW(c(Tensor{1.0}, Tensor(), Needs{1, 0}), std::bad_function_call);
+    c = rule_with(token);
+    BOOST_TEST(token.use_count() == 2);
+  }
+  BOOST_TEST(token.use_count() == 1);
+  std::array<double, 200> big{};  // a closure larger than any recycled block
+  big[199] = 3.0;
+  const BackwardRule large([big](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g * big[199]}; });
+  HESSE_CHECK_CLOSE(large(Tensor{2.0}, Tensor(), Needs{1, 0})[0], Tensor{6.0}, 0.0);
 }
 
 BOOST_AUTO_TEST_CASE(grad_with_respect_to_a_non_leaf_only) {

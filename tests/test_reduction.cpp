@@ -112,7 +112,7 @@ BOOST_AUTO_TEST_CASE(sum_of_long_rows_every_remainder) {
   for (std::size_t n : {1001u, 1002u, 1003u, 1004u, 3u}) {
     const Tensor x = arange(0.0, double(n));
     BOOST_CHECK_EQUAL(sum(x).item(), double(n * (n - 1) / 2));
-    const Tensor rows = reshape(arange(0.0, double(3 * n)), {3, n});
+    const Tensor rows = reshape(arange(0.0, double(3 * n)), {3, std::int64_t(n)});
     const Tensor per_row = sum(rows, {1});
     for (std::size_t r = 0; r < 3; ++r)
       BOOST_CHECK_EQUAL(per_row.data()[r], double(n * (r * n) + n * (n - 1) / 2));
