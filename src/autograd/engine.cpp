@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <unordered_map>
 
@@ -211,10 +212,10 @@ class Pass {
     collect(outputs);
     const bool create_graph = options_.create_graph;
     const bool retain = options_.retain_graph.value_or(create_graph);
-    std::unique_ptr<NoGradGuard> no_grad;
-    std::unique_ptr<EnableGradGuard> with_grad;
-    if (create_graph) with_grad = std::make_unique<EnableGradGuard>();
-    else no_grad = std::make_unique<NoGradGuard>();
+    std::optional<NoGradGuard> no_grad;
+    std::optional<EnableGradGuard> with_grad;
+    if (create_graph) with_grad.emplace();
+    else no_grad.emplace();
 
     for (std::size_t i = 0; i < outputs.size(); ++i) {
       const Tensor& out = outputs[i];
