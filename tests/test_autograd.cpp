@@ -6,7 +6,9 @@
 #include <cstdio>
 #include <functional>
 #include <sstream>
+#include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 using namespace hesse;
@@ -313,12 +315,9 @@ BOOST_AUTO_TEST_CASE(diamond_graphs_accumulate) {
 BOOST_AUTO_TEST_CASE(summed_gradients_touch_no_other_tensor) {
   Tensor a = Tensor{1.0, -2.0, 3.0}.requires_grad_();
   Tensor b = Tensor{0.5, 4.0, -1.0}.requires_grad_();
-  const Tensor ab = a * b;
-  const Tensor y = a + a + ab + exp(a) * 2.0;  // add hands the same tensor to both its inputs
+  const Tensor y = a + a + a * b + exp(a) * 2.0;  // add hands the same tensor to both its inputs
   const Tensor seed = Tensor{1.0, 10.0, 100.0};
-  const Tensor seed_copy = seed.clone();
-  const Tensor ab_copy = ab.clone();
-  for (int pass = 0; pass < 2; ++pass) {  // the second pass reads the values the first one saved
+  for (int pass = 0; pass < 2; ++pass) {  // the second pass reads what exp saved in the first
     const std::vector<Tensor> g = grad({y}, {a, b}, {seed}, retaining());
     for (std::size_t i = 0; i < 3; ++i) {
       const double s = seed.data()[i], ai = a.data()[i], bi = b.data()[i];
@@ -326,15 +325,44 @@ BOOST_AUTO_TEST_CASE(summed_gradients_touch_no_other_tensor) {
       BOOST_TEST(g[1].data()[i] == s * ai, boost::test_tools::tolerance(1e-15));
     }
   }
-  HESSE_CHECK_CLOSE(seed, seed_copy, 0.0);
-  HESSE_CHECK_CLOSE(ab, ab_copy, 0.0);
-  // x + x by x alone: the seed goes to both inputs, the sum is fresh
+  HESSE_CHECK_CLOSE(seed, (Tensor{1.0, 10.0, 100.0}), 0.0);
+
+  // x + x by x alone: the first gradient x receives is the seed itself (a view)
   Tensor x = Tensor{2.0, 3.0}.requires_grad_();
-  HESSE_CHECK_CLOSE(grad(x + x, x, slice(seed_copy, 0, 0, 2)), (Tensor{2.0, 20.0}), 0.0);
+  const Tensor view = slice(seed, 0, 0, 2);
+  HESSE_CHECK_CLOSE(grad(x + x, x, view), (Tensor{2.0, 20.0}), 0.0);
+  HESSE_CHECK_CLOSE(seed, (Tensor{1.0, 10.0, 100.0}), 0.0);
+
+  // Rules that hand out a tensor someone else holds, processed first (recorded
+  // last), then joined by a second gradient: their saved output, and a tensor
+  // their closure keeps. Both must read the same in the second pass.
+  const auto giving_saved_output = [](const Tensor& t) {  // e^t; its rule returns its saved e^t (right for seeds of 1)
+    return detail::record(
+        "gives_saved_output", exp(t.detach()), {t},
+        [](const Tensor&, const Tensor& output, Needs) { return std::vector<Tensor>{output.detach()}; }, true);
+  };
+  const Tensor kept = Tensor{5.0, 7.0};
+  const auto giving_kept = [kept](const Tensor& t) {  // t; its rule returns `kept`, which its closure holds
+    return detail::record("gives_kept", t.detach() * 1.0, {t},
+                          [kept](const Tensor&, const Tensor&, Needs) { return std::vector<Tensor>{kept}; });
+  };
+  Tensor z = Tensor{0.5, -1.0}.requires_grad_();
+  const Tensor doubled = z * 2.0;  // recorded first: its gradient arrives second
+  const Tensor by_saved = doubled + giving_saved_output(z), by_kept = doubled + giving_kept(z);
+  for (int pass = 0; pass < 2; ++pass) {
+    const Tensor g_saved = grad(by_saved, z, ones({2}), retaining());
+    const Tensor g_kept = grad(by_kept, z, ones({2}), retaining());
+    for (std::size_t i = 0; i < 2; ++i) {
+      BOOST_TEST(g_saved.data()[i] == 2.0 + std::exp(z.data()[i]), boost::test_tools::tolerance(1e-15));
+      BOOST_TEST(g_kept.data()[i] == 2.0 + kept.data()[i]);
+    }
+  }
+  HESSE_CHECK_CLOSE(kept, (Tensor{5.0, 7.0}), 0.0);
 }
 
 // A rule's closure lives in a recycled block: it is destroyed exactly once,
-// moves leave nothing behind, large closures work, an empty rule throws.
+// moves leave nothing behind, large closures work, an empty rule throws,
+// null callables are empty rules.
 BOOST_AUTO_TEST_CASE(backward_rules_own_their_closures) {
   auto token = std::make_shared<int>(7);
   const auto rule_with = [](std::shared_ptr<int> t) {
@@ -358,6 +386,27 @@ BOOST_AUTO_TEST_CASE(backward_rules_own_their_closures) {
     BOOST_TEST(token.use_count() == 2);
   }
   BOOST_TEST(token.use_count() == 1);
+  {
+    BackwardRule d = rule_with(token);
+    BackwardRule& same = d;
+    d = std::move(same);  // self-move keeps the closure
+    BOOST_TEST(bool(d));
+    BOOST_TEST(token.use_count() == 2);
+  }
+  BOOST_TEST(token.use_count() == 1);
+  // a closure whose copy throws: the exception comes through, nothing leaks (ASan run)
+  struct Throwing {
+    Throwing() = default;
+    Throwing(const Throwing&) { throw std::runtime_error("copy"); }
+    std::vector<Tensor> operator()(const Tensor& g, const Tensor&, Needs) const { return {g}; }
+  };
+  const Throwing throwing;
+  BOOST_CHECK_THROW(BackwardRule{throwing}, std::runtime_error);
+  // null callables make empty rules, as they make empty std::functions
+  std::vector<Tensor> (*no_function)(const Tensor&, const Tensor&, Needs) = nullptr;
+  BOOST_TEST(!BackwardRule(no_function));
+  BOOST_TEST(!BackwardRule(std::function<std::vector<Tensor>(const Tensor&, const Tensor&, Needs)>()));
+  static_assert(!std::is_constructible_v<BackwardRule, int>, "only rules convert to BackwardRule");
   std::array<double, 200> big{};  // a closure larger than any recycled block
   big[199] = 3.0;
   const BackwardRule large([big](const Tensor& g, const Tensor&, Needs) { return std::vector<Tensor>{g * big[199]}; });

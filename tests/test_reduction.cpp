@@ -106,6 +106,23 @@ BOOST_AUTO_TEST_CASE(sum_values) {
   CHECK_CLOSE(sum(x, {0, -1}), Tensor(xs), 1e-13);
 }
 
+// More dims than the reduced-axis flags keep inline (8): axes 0, 4 and 8 of 9.
+BOOST_AUTO_TEST_CASE(sum_over_many_dims) {
+  const Tensor x = reshape(arange(0.0, 64.0), {2, 1, 2, 1, 2, 1, 2, 1, 4});
+  const Tensor s9 = sum(x, {0, 4, 8});
+  BOOST_TEST(to_string(s9.shape()) == "[1, 2, 1, 1, 2, 1]");
+  for (std::size_t j = 0; j < 2; ++j)
+    for (std::size_t l = 0; l < 2; ++l) {
+      double want = 0;
+      for (std::size_t i = 0; i < 2; ++i)
+        for (std::size_t k = 0; k < 2; ++k)
+          for (std::size_t m = 0; m < 4; ++m) want += double(((i * 2 + j) * 2 + k) * 2 * 4 + l * 4 + m);
+      BOOST_CHECK_EQUAL(s9.data()[j * 2 + l], want);
+    }
+  // gradients reduce over their flags too (sum_to runs that path)
+  CHECK_CLOSE(sum_to(x, Shape{2, 1, 1, 1, 2, 1, 1, 1, 1}), sum(x, {1, 2, 3, 5, 6, 7, 8}, true), 0.0);
+}
+
 BOOST_AUTO_TEST_CASE(sum_of_long_rows_every_remainder) {
   // long rows are summed in four interleaved lanes plus a tail: every length
   // mod 4, whole-tensor and per-row, against exact integer sums

@@ -33,7 +33,8 @@ namespace detail {
 // edges and their rules' closures are made and dropped by the hundred for
 // every small Hessian, in bursts larger than malloc's per-thread cache (7
 // blocks a size): past it, every free and malloc takes glibc's slow path.
-// Blocks are 64-byte aligned; those above 512 bytes come from the heap.
+// Blocks are 64-byte aligned; those above 512 bytes come from the heap (all
+// of them under AddressSanitizer, which a recycled block would blind).
 void* take_block(std::size_t bytes);
 void give_block(void* block, std::size_t bytes);
 
@@ -63,11 +64,14 @@ class BackwardRule {
  public:
   BackwardRule() = default;
   BackwardRule(std::nullptr_t) {}
-  template <class F, class = std::enable_if_t<!std::is_same_v<std::decay_t<F>, BackwardRule> &&
-                                              !std::is_same_v<std::decay_t<F>, std::nullptr_t>>>
+  template <class F, class Closure = std::decay_t<F>,
+            class = std::enable_if_t<!std::is_same_v<Closure, BackwardRule> &&
+                                     std::is_invocable_r_v<std::vector<Tensor>, Closure&, const Tensor&,
+                                                           const Tensor&, Needs>>>
   BackwardRule(F&& f) {
-    using Closure = std::decay_t<F>;
     static_assert(alignof(Closure) <= 64, "recycled blocks are 64-byte aligned");
+    if constexpr (std::is_constructible_v<bool, const Closure&>)
+      if (!static_cast<bool>(f)) return;  // a null function pointer or an empty std::function: an empty rule
     void* block = detail::take_block(sizeof(Closure));
     try {
       closure_ = new (block) Closure(std::forward<F>(f));
@@ -75,8 +79,8 @@ class BackwardRule {
       detail::give_block(block, sizeof(Closure));
       throw;
     }
-    call_ = [](void* c, const Tensor& grad, const Tensor& output, Needs needs) {
-      return std::vector<Tensor>((*static_cast<Closure*>(c))(grad, output, needs));
+    call_ = [](void* c, const Tensor& grad, const Tensor& output, Needs needs) -> std::vector<Tensor> {
+      return (*static_cast<Closure*>(c))(grad, output, needs);
     };
     drop_ = [](void* c) {
       static_cast<Closure*>(c)->~Closure();
@@ -87,8 +91,10 @@ class BackwardRule {
     other.closure_ = nullptr;
   }
   BackwardRule& operator=(BackwardRule&& other) noexcept {
-    BackwardRule taken(std::move(other));
-    std::swap(closure_, taken.closure_), std::swap(call_, taken.call_), std::swap(drop_, taken.drop_);
+    BackwardRule taken(std::move(other));  // this rule's old closure goes with `taken`
+    std::swap(closure_, taken.closure_);
+    std::swap(call_, taken.call_);
+    std::swap(drop_, taken.drop_);
     return *this;
   }
   BackwardRule& operator=(std::nullptr_t) { return *this = BackwardRule(); }

@@ -70,7 +70,7 @@ void dot_gemm(const MatmulDims& d, const double* __restrict a, const double* __r
     }
 }
 
-// c = op(A) op(B) for 2 × 2 results (the seed's model is made of them): the
+// c = op(A) op(B) for 2 × 2 results (examples/mimo_model.hpp is made of them): the
 // four sums stay in registers through one loop over p, in the same order.
 template <bool TA, bool TB, std::size_t K = 0>
 void dot_gemm_2x2(const MatmulDims& d, const double* __restrict a, const double* __restrict b, double* __restrict c) {
@@ -473,7 +473,7 @@ void transpose_into(const double* src, std::size_t src_stride, std::size_t rows,
 
 void transpose_each(const double* src, std::size_t batches, std::size_t rows, std::size_t cols, double* dst) {
   const std::size_t size = rows * cols;
-  if (rows == 2 && cols == 2) {  // 2 × 2 ones by the hundred (the seed's model)
+  if (rows == 2 && cols == 2) {  // 2 × 2 ones by the hundred (examples/mimo_model.hpp)
     for (std::size_t i = 0; i < batches; ++i, src += 4, dst += 4)
       dst[0] = src[0], dst[1] = src[2], dst[2] = src[1], dst[3] = src[3];
     return;
