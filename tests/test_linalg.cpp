@@ -93,7 +93,10 @@ const std::vector<std::pair<Shape, Shape>> kMatmulCases = {
     {{2, 3, 0}, {0, 2}}, {{0, 3}, {3, 2}}, {{2, 1, 3, 4}, {1, 5, 4, 2}}, {{1, 3, 4}, {2, 4, 2}},
     {{3, 4}, {1, 1, 4, 2}}, {{2, 3, 4}, {1, 4, 5}},
     // 2 × 2 results (their own kernel): k = 2 and other k, single and batched
-    {{2, 2}, {2, 2}}, {{2, 5}, {5, 2}}, {{3, 2, 2}, {2, 2}}, {{2, 2}, {4, 2, 2}}, {{3, 2, 7}, {3, 7, 2}}};
+    {{2, 2}, {2, 2}}, {{2, 5}, {5, 2}}, {{3, 2, 2}, {2, 2}}, {{2, 2}, {4, 2, 2}}, {{3, 2, 7}, {3, 7, 2}},
+    // matrix-vector products past the plain loop's size (m·k > 512), with rows of
+    // 2, 3 and 4 (their own kernels) and of 5
+    {{300, 2}, {2}}, {{200, 3}, {3}}, {{2, 100, 4}, {4, 1}}, {{130, 5}, {5}}};
 
 }  // namespace
 
@@ -166,6 +169,11 @@ BOOST_AUTO_TEST_CASE(matmul_gradients_closed_form) {
     }
     CHECK_CLOSE(gk[1], want_b, 1e-14);
     const Tensor x = randn({2, 2 * r}, gen), w = randn({2, 2 * r}, gen);
+    CHECK_CLOSE(linear(x, w), reference_matmul(x, reference_permute(w, {1, 0})), 1e-14);
+  }
+  // one input row: x Wᵀ is W x, dot products over rows of k = 2, 3, 4, 5
+  for (const std::size_t k : {std::size_t(2), std::size_t(3), std::size_t(4), std::size_t(5)}) {
+    const Tensor x = randn({1, k}, gen), w = randn({300, k}, gen);
     CHECK_CLOSE(linear(x, w), reference_matmul(x, reference_permute(w, {1, 0})), 1e-14);
   }
 }

@@ -150,8 +150,13 @@ void small_gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const do
 }
 
 // y = M x for a row-major rows × cols matrix M: one dot product per row,
-// four partial sums for instruction-level parallelism.
-void gemv_dots(const double* mat, std::size_t rows, std::size_t cols, const double* x, double* y) {
+// four partial sums for instruction-level parallelism. Cols > 0 fixes cols at
+// compile time: short rows (seed batches times a small input) then keep x in
+// registers; y never overlaps M or x.
+template <std::size_t Cols = 0>
+void gemv_dots(const double* __restrict mat, std::size_t rows, std::size_t cols_, const double* __restrict x,
+               double* __restrict y) {
+  const std::size_t cols = Cols ? Cols : cols_;
   for (std::size_t r = 0; r < rows; ++r) {
     const double* row = mat + r * cols;
     double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -164,6 +169,15 @@ void gemv_dots(const double* mat, std::size_t rows, std::size_t cols, const doub
     }
     for (; c < cols; ++c) s0 += row[c] * x[c];
     y[r] = (s0 + s1) + (s2 + s3);
+  }
+}
+
+void gemv_dots(const double* mat, std::size_t rows, std::size_t cols, const double* x, double* y) {
+  switch (cols) {
+    case 2: return gemv_dots<2>(mat, rows, cols, x, y);
+    case 3: return gemv_dots<3>(mat, rows, cols, x, y);
+    case 4: return gemv_dots<4>(mat, rows, cols, x, y);
+    default: return gemv_dots<0>(mat, rows, cols, x, y);
   }
 }
 
