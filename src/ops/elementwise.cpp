@@ -29,6 +29,17 @@ bool trails(const Shape& inner, const Shape& outer) {
   return inner.size() <= outer.size() && std::equal(inner.begin(), inner.end(), outer.end() - std::ptrdiff_t(inner.size()));
 }
 
+// o = f(a, b) where one operand is whole (n values) and the other a row of
+// `period` values repeated along o's leading dims (e.g. over seed batches).
+// o is fresh, so it overlaps neither: __restrict spares each short row the
+// overlap tests of a vectorised loop.
+template <bool RowFirst, class F>
+void zip_rows(const double* __restrict whole, const double* __restrict row, double* __restrict o, std::size_t n,
+              std::size_t period, F f) {
+  for (std::size_t i = 0; i < n; i += period)
+    for (std::size_t j = 0; j < period; ++j) o[i + j] = RowFirst ? f(row[j], whole[i + j]) : f(whole[i + j], row[j]);
+}
+
 template <class F>
 Tensor map_binary(const char* op, const Tensor& a, const Tensor& b, F f) {
   const double* pa = a.data();
@@ -49,13 +60,9 @@ Tensor map_binary(const char* op, const Tensor& a, const Tensor& b, F f) {
     const double s = pa[0];
     for (std::size_t i = 0, n = b.numel(); i < n; ++i) o[i] = f(s, pb[i]);
   } else if (shape == a.shape() && b.numel() > 0 && a.numel() % b.numel() == 0 && trails(b.shape(), a.shape())) {
-    const std::size_t nb = b.numel();  // b repeats along a's leading dims (e.g. seed batches)
-    for (std::size_t i = 0, n = a.numel(); i < n; i += nb)
-      for (std::size_t j = 0; j < nb; ++j) o[i + j] = f(pa[i + j], pb[j]);
+    zip_rows<false>(pa, pb, o, a.numel(), b.numel(), f);  // b repeats along a's leading dims
   } else if (shape == b.shape() && a.numel() > 0 && b.numel() % a.numel() == 0 && trails(a.shape(), b.shape())) {
-    const std::size_t na = a.numel();
-    for (std::size_t i = 0, n = b.numel(); i < n; i += na)
-      for (std::size_t j = 0; j < na; ++j) o[i + j] = f(pa[j], pb[i + j]);
+    zip_rows<true>(pb, pa, o, b.numel(), a.numel(), f);
   } else {
     detail::for_each_broadcast(shape, detail::broadcast_strides(a.shape(), shape),
                                detail::broadcast_strides(b.shape(), shape),
