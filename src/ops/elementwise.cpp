@@ -232,6 +232,15 @@ Tensor square(const Tensor& x) {
 // four over the (often seed-batched) gradient, and differentiable again.
 namespace {
 
+// o = gg g (-2 y) with g repeated along gg's leading dims and y along g's (o
+// is fresh: __restrict, as in zip_rows)
+void tanh_backward_dy_rows(const double* __restrict gg, const double* __restrict g, const double* __restrict y,
+                           double* __restrict o, std::size_t n, std::size_t ng, std::size_t ny) {
+  for (std::size_t a = 0; a < n; a += ng)
+    for (std::size_t b = 0; b < ng; b += ny)
+      for (std::size_t c = 0; c < ny; ++c) o[a + b + c] = (gg[a + b + c] * g[b + c]) * (y[c] * -2.0);
+}
+
 // gg g (-2 y), the y-derivative of tanh_backward: in one pass when nothing
 // records (a second-level pass) and g, y repeat along gg's leading dims (the
 // seeds); the values are those of the three ops it replaces.
@@ -240,14 +249,7 @@ Tensor tanh_backward_dy(const Tensor& gg, const Tensor& g, const Tensor& y) {
                      trails(y.shape(), g.shape()) && y.numel() > 0;
   if (!fused) return gg * g * (y * -2.0);
   Tensor out = make(gg.shape());
-  const double* pgg = gg.data();
-  const double* pg = g.data();
-  const double* py = y.data();
-  double* o = out.mutable_data();
-  const std::size_t n = gg.numel(), ng = g.numel(), ny = y.numel();
-  for (std::size_t a = 0; a < n; a += ng)
-    for (std::size_t b = 0; b < ng; b += ny)
-      for (std::size_t c = 0; c < ny; ++c) o[a + b + c] = (pgg[a + b + c] * pg[b + c]) * (py[c] * -2.0);
+  tanh_backward_dy_rows(gg.data(), g.data(), y.data(), out.mutable_data(), gg.numel(), g.numel(), y.numel());
   return out;
 }
 
