@@ -30,11 +30,12 @@ bool trails(const Shape& inner, const Shape& outer) {
 }
 
 // o = f(a, b) where one operand is whole (n values) and the other a row of
-// `period` values repeated along o's leading dims (e.g. over seed batches).
-// o is fresh, so it overlaps neither: __restrict spares each short row the
-// overlap tests of a vectorised loop.
+// `period` values repeated along o's leading dims (e.g. over seed batches;
+// period n: both whole). o is fresh, so it overlaps neither: __restrict spares
+// each short row the overlap tests of a vectorised loop. Out of line, so that
+// how the loop compiles does not hang on the inlining budget of each op.
 template <bool RowFirst, class F>
-void zip_rows(const double* __restrict whole, const double* __restrict row, double* __restrict o, std::size_t n,
+__attribute__((noinline)) void zip_rows(const double* __restrict whole, const double* __restrict row, double* __restrict o, std::size_t n,
               std::size_t period, F f) {
   for (std::size_t i = 0; i < n; i += period)
     for (std::size_t j = 0; j < period; ++j) o[i + j] = RowFirst ? f(row[j], whole[i + j]) : f(whole[i + j], row[j]);
@@ -46,8 +47,7 @@ Tensor map_binary(const char* op, const Tensor& a, const Tensor& b, F f) {
   const double* pb = b.data();
   if (a.shape() == b.shape()) {
     Tensor out = make(a.shape());
-    double* o = out.mutable_data();
-    for (std::size_t i = 0, n = a.numel(); i < n; ++i) o[i] = f(pa[i], pb[i]);
+    zip_rows<false>(pa, pb, out.mutable_data(), a.numel(), a.numel(), f);
     return out;
   }
   const Shape shape = detail::broadcast_shapes(op, a.shape(), b.shape());
