@@ -189,7 +189,7 @@ class Pass {
                                             ") does not require grad"));
       targets_.push_back({in.grad_fn() ? static_cast<const void*>(in.grad_fn().get()) : in.impl().get(), i});
     }
-    std::sort(targets_.begin(), targets_.end(), [](const Target& a, const Target& b) { return a.key < b.key; });
+    std::sort(targets_.begin(), targets_.end(), Target::by_key);
   }
 
   ~Pass() {
@@ -415,13 +415,13 @@ class Pass {
   struct Target {
     const void* key;
     std::size_t input;
+    static bool by_key(const Target& a, const Target& b) { return a.key < b.key; }
   };
   std::vector<Target> targets_;
   std::vector<Tensor> captured_;
 
   std::pair<std::vector<Target>::const_iterator, std::vector<Target>::const_iterator> targets_of(const void* key) const {
-    return std::equal_range(targets_.begin(), targets_.end(), Target{key, 0},
-                            [](const Target& a, const Target& b) { return a.key < b.key; });
+    return std::equal_range(targets_.begin(), targets_.end(), Target{key, 0}, Target::by_key);
   }
   bool is_target(const void* key) const {
     const auto [it, end] = targets_of(key);

@@ -35,8 +35,8 @@ bool trails(const Shape& inner, const Shape& outer) {
 // each short row the overlap tests of a vectorised loop. Out of line, so that
 // how the loop compiles does not hang on the inlining budget of each op.
 template <bool RowFirst, class F>
-__attribute__((noinline)) void zip_rows(const double* __restrict whole, const double* __restrict row, double* __restrict o, std::size_t n,
-              std::size_t period, F f) {
+__attribute__((noinline)) void zip_rows(const double* __restrict whole, const double* __restrict row,
+                                        double* __restrict o, std::size_t n, std::size_t period, F f) {
   for (std::size_t i = 0; i < n; i += period)
     for (std::size_t j = 0; j < period; ++j) o[i + j] = RowFirst ? f(row[j], whole[i + j]) : f(whole[i + j], row[j]);
 }

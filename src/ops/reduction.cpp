@@ -153,7 +153,10 @@ Tensor reduce_grad(const Tensor& grad, const Shape& output_shape, const Shape& i
   bool any = false;
   const std::size_t lead = output_shape.size() - input_shape.size();
   for (std::size_t d = 0; d < output_shape.size(); ++d)
-    if (output_shape[d] != 1 && (d < lead || input_shape[d - lead] == 1)) reduce[batch.size() + d] = any = true;
+    if (output_shape[d] != 1 && (d < lead || input_shape[d - lead] == 1)) {
+      reduce[batch.size() + d] = true;
+      any = true;
+    }
   Tensor summed = any ? sum_over(grad, reduce, /*keepdim=*/true) : grad;
   return reshape(summed, target);
 }

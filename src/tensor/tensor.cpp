@@ -167,7 +167,6 @@ double Tensor::item() const {
   return data()[0];
 }
 
-
 Tensor& Tensor::requires_grad_(bool flag) {
   if (!is_leaf())
     throw AutogradError(detail::message(
