@@ -246,6 +246,15 @@ struct PartlyUnused : nn::Module {
   Tensor forward(const std::vector<Tensor>& in) override { return matmul(in[0], transpose(W)); }
 };
 
+/// y = (x ⊙ w²) ⊙ w for x [N, 2]: ∂²y_ij/∂w_j² = 6 x_ij w_j, every other entry zero.
+/// The gradient's graph holds its seed (the last product's rule multiplies it by
+/// the other factor, which depends on w).
+struct CubeTimesInput : nn::Module {
+  Tensor w;
+  CubeTimesInput() { w = register_parameter("w", Tensor{0.5, -2.0}); }
+  Tensor forward(const std::vector<Tensor>& in) override { return (in[0] * square(w)) * w; }
+};
+
 /// A model whose per-sample output is a scalar (no batch dimension).
 struct SumsTheBatch : nn::Module {
   Tensor W;
@@ -738,6 +747,26 @@ BOOST_AUTO_TEST_CASE(per_sample_model_hessians_equal_full_batch_ones) {
   // and the dict forms agree
   const HessianDict db = model_hessian_dict(*net, {x}), df = model_hessian_dict(*net, {x}, o);
   for (const auto& [key, blk] : db.blocks()) CHECK_REL(blk, df.at(key.first, key.second), 1e-12);
+}
+
+// Seed batches are reused across passes (only their ones are rewritten), but
+// never one that something still holds. Here every pass's seeds have the
+// shape of the first-level seeds, [8 entries, 8 entries, 2] (16 outputs in
+// groups of 8, chunks of 8 rows of w), and the recorded gradient holds those.
+BOOST_AUTO_TEST_CASE(seeds_held_by_the_recorded_gradient_are_not_reused) {
+  CubeTimesInput model;
+  Generator gen(44);
+  const Tensor x = randn({8, 2}, gen);
+  HessianOptions o;
+  o.is_batch = false;
+  o.chunk_size = 8;
+  const Tensor h = model_hessian_matrix(model, {x}, o);
+  BOOST_REQUIRE(h.shape() == Shape({8, 2, 2, 2}));
+  Tensor expected = zeros({8, 2, 2, 2});
+  for (std::size_t i = 0; i < 8; ++i)
+    for (std::size_t j = 0; j < 2; ++j)
+      expected.mutable_data()[((i * 2 + j) * 2 + j) * 2 + j] = 6.0 * x.data()[i * 2 + j] * model.w.data()[j];
+  CHECK_REL(h, expected, 1e-14);
 }
 
 // Dense results are not cleared before their rows arrive; what no row reaches

@@ -162,6 +162,7 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
   const std::size_t batches = batch_size(api, inputs, target);
   check_memory(api, sel, batches, o);
   Tensor h = zeros({batches, sel.n, sel.n});
+  SeedReuse reuse;  // every sample's passes take seed batches of the same shapes
   for (std::size_t b = 0; b < batches; ++b) {
     const Tensor t = slice(target, 0, std::int64_t(b), std::int64_t(b) + 1);
     const Tensor loss = scalar_loss(api, criterion, run_sample(api, model, inputs, b), t);

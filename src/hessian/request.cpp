@@ -101,12 +101,54 @@ std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_
   return std::max<std::size_t>(1, std::min(rows, k));
 }
 
+namespace {
+
+thread_local SeedReuse* active_reuse = nullptr;
+constexpr std::size_t kKeptSeedBatches = 4;  // a pass per parameter takes one shape each
+
+bool held_alone(const Tensor& t) {
+  return t.impl().use_count() == 1 && t.impl()->storage.use_count() == 1;
+}
+
+}  // namespace
+
+SeedReuse::SeedReuse() : outermost_(active_reuse == nullptr) {
+  if (outermost_) active_reuse = this;
+}
+
+SeedReuse::~SeedReuse() {
+  if (outermost_) active_reuse = nullptr;
+}
+
+Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones) {
+  SeedReuse::Batch* kept = nullptr;
+  if (SeedReuse* reuse = active_reuse) {
+    for (SeedReuse::Batch& b : reuse->batches_)
+      if (b.values.shape() == shape && held_alone(b.values)) {
+        kept = &b;
+        break;
+      }
+    if (!kept && reuse->batches_.size() < kKeptSeedBatches)
+      kept = &reuse->batches_.emplace_back(SeedReuse::Batch{zeros(shape), {}});
+  }
+  Tensor values = kept ? kept->values : zeros(shape);
+  double* v = values.mutable_data();
+  if (kept) {
+    for (std::size_t i : kept->ones) v[i] = 0.0;
+    kept->ones = ones;
+  }
+  for (std::size_t i : ones) v[i] = 1.0;
+  return values;
+}
+
 void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const Selection& sel,
                   const HessianOptions& o, const RowSink& sink, const std::vector<bool>* wanted_blocks) {
   if (!y.requires_grad()) return;  // constant in θ: the Hessians are zero
+  SeedReuse reuse;  // across the chunks below (and the samples of an enclosing scope)
   const std::size_t per_seed = count * tape_elements(y);
-  Tensor entry_seeds = zeros(concat_shape({count}, y.shape()));
-  for (std::size_t e = 0; e < count; ++e) entry_seeds.mutable_data()[e * y.numel() + first + e] = 1.0;
+  std::vector<std::size_t> ones(count);
+  for (std::size_t e = 0; e < count; ++e) ones[e] = e * y.numel() + first + e;
+  const Tensor entry_seeds = one_hot_seeds(concat_shape({count}, y.shape()), ones);
   const std::vector<Tensor> g = recorded_grad(y, sel.params, entry_seeds, true);  // g[p]: [count, P.shape]
 
   GradOptions second_level;
@@ -115,11 +157,9 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
   second_level.batched_grad_outputs = true;
   // seeds for g[p]: k one-hot rows picking (entry, row of p) pairs
   auto seeds_for = [&](std::size_t p, std::size_t k, const std::vector<std::pair<std::size_t, std::size_t>>& picks) {
-    Tensor seeds = zeros(concat_shape({k, count}, sel.params[p].shape()));
-    for (std::size_t i = 0; i < k; ++i)
-      if (picks[i].second != SIZE_MAX)
-        seeds.mutable_data()[(i * count + picks[i].first) * sel.sizes[p] + picks[i].second] = 1.0;
-    return seeds;
+    ones.resize(k);
+    for (std::size_t i = 0; i < k; ++i) ones[i] = (i * count + picks[i].first) * sel.sizes[p] + picks[i].second;
+    return one_hot_seeds(concat_shape({k, count}, sel.params[p].shape()), ones);
   };
   auto live = [&](std::size_t p) { return g[p].defined() && g[p].requires_grad(); };
   const std::size_t P = sel.params.size();
@@ -340,6 +380,7 @@ Outputs loss_outputs(const char* api, nn::Module& model, const Criterion& criter
 
 Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o) {
   return [=, &model, &inputs](const StartFn& start, const OutputFn& each) {
+    SeedReuse reuse;  // every sample's passes take seed batches of the same shapes
     const std::size_t batches = o.is_batch ? batch_size(api, inputs) : 1;
     std::size_t per_sample = 0;
     for (std::size_t b = 0; b < batches; ++b) {

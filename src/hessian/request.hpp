@@ -69,6 +69,34 @@ std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_
 using RowSink = std::function<void(std::size_t entry, std::size_t p, std::size_t row, std::size_t q,
                                    const double* values, bool mirrored)>;
 
+/// One-hot seed batches: zeros of `shape` with ones at the flat positions
+/// `ones`. Inside a SeedReuse scope a batch of the same shape is taken again
+/// when no one else holds it: only the last pass's ones are wiped, where a
+/// fresh batch would clear every entry (a sample's seeds for a first layer's
+/// weight are k × k entries for k ones: clearing them was a tenth of a
+/// per-sample Hessian's time). The engine never writes into a seed it does
+/// not hold alone, and the scope holds each batch too.
+Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones);
+
+/// Keeps seed batches for one_hot_seeds on this thread while it lives; a scope
+/// opened inside another leaves the outer one in charge.
+class SeedReuse {
+ public:
+  SeedReuse();
+  ~SeedReuse();
+  SeedReuse(const SeedReuse&) = delete;
+  SeedReuse& operator=(const SeedReuse&) = delete;
+
+ private:
+  friend Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones);
+  struct Batch {
+    Tensor values;
+    std::vector<std::size_t> ones;
+  };
+  std::vector<Batch> batches_;
+  bool outermost_;
+};
+
 /// Output entries whose Hessians are computed together.
 constexpr std::size_t kEntryGroup = 8;
 
