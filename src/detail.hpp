@@ -26,6 +26,14 @@ inline Tensor make(const Shape& shape) { return Tensor::empty(shape); }
 // thread-locals are a few hundred bytes of static TLS).
 #define HESSE_FAST_TLS __attribute__((tls_model("initial-exec")))
 
+// Hot loops of plain arithmetic get a copy for AVX2 machines, picked at load
+// time. The library is built with -ffp-contract=off: both copies round alike.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HESSE_AVX2_CLONE __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define HESSE_AVX2_CLONE
+#endif
+
 /// std::make_shared with the object and its count in a recycled block.
 template <class T, class... Args>
 std::shared_ptr<T> make_cached(Args&&... args) {

@@ -54,6 +54,10 @@ class RuleTimer {
   std::chrono::steady_clock::time_point start_;
 };
 
+HESSE_AVX2_CLONE void add_into(double* __restrict sum, const double* __restrict term, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) sum[i] += term[i];
+}
+
 // Sums a node's incoming gradients. When nothing records and the running sum
 // is the only reference to its buffer, the next gradient is added in place: no
 // new buffer, and one pass less over memory.
@@ -62,9 +66,7 @@ void accumulate(Tensor& into, const Tensor& g) {
     into = g;
   } else if (!grad_enabled && !into.requires_grad() && into.impl().use_count() == 1 &&
              into.impl()->storage.use_count() == 1 && into.shape() == g.shape()) {
-    double* sum = into.mutable_data();
-    const double* term = g.data();
-    for (std::size_t i = 0, n = g.numel(); i < n; ++i) sum[i] += term[i];
+    add_into(into.mutable_data(), g.data(), g.numel());
   } else {
     into = into + g;
   }

@@ -35,8 +35,8 @@ bool trails(const Shape& inner, const Shape& outer) {
 // each short row the overlap tests of a vectorised loop. Out of line, so that
 // how the loop compiles does not hang on the inlining budget of each op.
 template <bool RowFirst, class F>
-__attribute__((noinline)) void zip_rows(const double* __restrict whole, const double* __restrict row,
-                                        double* __restrict o, std::size_t n, std::size_t period, F f) {
+__attribute__((noinline)) HESSE_AVX2_CLONE void zip_rows(const double* __restrict whole, const double* __restrict row,
+                                                         double* __restrict o, std::size_t n, std::size_t period, F f) {
   for (std::size_t i = 0; i < n; i += period)
     for (std::size_t j = 0; j < period; ++j) o[i + j] = RowFirst ? f(row[j], whole[i + j]) : f(whole[i + j], row[j]);
 }
@@ -234,8 +234,9 @@ namespace {
 
 // o = gg g (-2 y) with g repeated along gg's leading dims and y along g's (o
 // is fresh: __restrict, as in zip_rows)
-void tanh_backward_dy_rows(const double* __restrict gg, const double* __restrict g, const double* __restrict y,
-                           double* __restrict o, std::size_t n, std::size_t ng, std::size_t ny) {
+HESSE_AVX2_CLONE void tanh_backward_dy_rows(const double* __restrict gg, const double* __restrict g,
+                                            const double* __restrict y, double* __restrict o, std::size_t n,
+                                            std::size_t ng, std::size_t ny) {
   for (std::size_t a = 0; a < n; a += ng)
     for (std::size_t b = 0; b < ng; b += ny)
       for (std::size_t c = 0; c < ny; ++c) o[a + b + c] = (gg[a + b + c] * g[b + c]) * (y[c] * -2.0);
@@ -271,8 +272,8 @@ Tensor sigmoid_backward(const Tensor& g, const Tensor& y) {
   });
 }
 
-// Loops over whole arrays of plain arithmetic get a copy for AVX2 machines,
-// picked at load time; comparisons that may not trap let them vectorise.
+// As HESSE_AVX2_CLONE (detail.hpp), and comparisons that may not trap let
+// the loop vectorise (tanh's clamp).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HESSE_VECTORISED __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("no-trapping-math")))
 #else

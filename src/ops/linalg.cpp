@@ -154,8 +154,8 @@ void small_gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const do
 // compile time: short rows (seed batches times a small input) then keep x in
 // registers; y never overlaps M or x.
 template <std::size_t Cols = 0>
-void gemv_dots(const double* __restrict mat, std::size_t rows, std::size_t cols_, const double* __restrict x,
-               double* __restrict y) {
+HESSE_AVX2_CLONE void gemv_dots(const double* __restrict mat, std::size_t rows, std::size_t cols_,
+                                const double* __restrict x, double* __restrict y) {
   const std::size_t cols = Cols ? Cols : cols_;
   for (std::size_t r = 0; r < rows; ++r) {
     const double* row = mat + r * cols;
@@ -182,7 +182,7 @@ void gemv_dots(const double* mat, std::size_t rows, std::size_t cols, const doub
 }
 
 // y = Mᵀ x for a row-major rows × cols matrix M: rows added in turn (vectorised).
-void gemv_axpy(const double* mat, std::size_t rows, std::size_t cols, const double* x, double* y) {
+HESSE_AVX2_CLONE void gemv_axpy(const double* mat, std::size_t rows, std::size_t cols, const double* x, double* y) {
   for (std::size_t c = 0; c < cols; ++c) y[c] = 0.0;
   for (std::size_t r = 0; r < rows; ++r) {
     const double xr = x[r];
