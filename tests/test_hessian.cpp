@@ -255,6 +255,16 @@ struct CubeTimesInput : nn::Module {
   Tensor forward(const std::vector<Tensor>& in) override { return (in[0] * square(w)) * w; }
 };
 
+/// tanh(x W) with W [2, 2], refusing inputs whose first entry is negative.
+struct RefusesNegativeInputs : nn::Module {
+  Tensor W;
+  RefusesNegativeInputs() { W = register_parameter("W", Tensor{{0.5, -1.0}, {2.0, 0.25}}); }
+  Tensor forward(const std::vector<Tensor>& in) override {
+    if (in[0].data()[0] < 0) throw ValueError("RefusesNegativeInputs: negative input");
+    return tanh(matmul(in[0], W));
+  }
+};
+
 /// A model whose per-sample output is a scalar (no batch dimension).
 struct SumsTheBatch : nn::Module {
   Tensor W;
@@ -767,6 +777,18 @@ BOOST_AUTO_TEST_CASE(seeds_held_by_the_recorded_gradient_are_not_reused) {
     for (std::size_t j = 0; j < 2; ++j)
       expected.mutable_data()[((i * 2 + j) * 2 + j) * 2 + j] = 6.0 * x.data()[i * 2 + j] * model.w.data()[j];
   CHECK_REL(h, expected, 1e-14);
+}
+
+// A request that fails halfway (its second sample throws, after the first
+// one's passes took reused seed batches) leaves nothing behind for the next.
+BOOST_AUTO_TEST_CASE(a_failed_request_leaves_no_seed_reuse_behind) {
+  RefusesNegativeInputs model;
+  const Tensor good = Tensor{{1.0, 2.0}, {0.5, -3.0}}, bad = Tensor{{1.0, 2.0}, {-0.5, 3.0}};
+  const Tensor before = model_hessian_matrix(model, {good});
+  BOOST_CHECK_THROW(model_hessian_matrix(model, {bad}), ValueError);
+  BOOST_CHECK_THROW(batch_loss_hessian_matrix(model, nn::MSELoss(), {bad}, zeros({2, 2})), ValueError);
+  CHECK_EXACT(model_hessian_matrix(model, {good}), before);
+  BOOST_CHECK_GT(max_abs(before), 0.1);
 }
 
 // Dense results are not cleared before their rows arrive; what no row reaches
