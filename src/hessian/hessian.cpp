@@ -19,30 +19,22 @@ namespace {
 
 std::size_t global_limit = std::size_t(4) << 30;
 
-// Sinks writing into the two result layouts, from output entry `base` on. The
-// matrix sink keeps the rows of the upper blocks (p, q >= p) only, and
-// mirror_upper_blocks completes the matrix afterwards.
+// Sinks writing into the two result layouts, from output entry `base` on.
+// Rows come for the upper blocks (p, q >= p) only: mirror_upper_blocks
+// completes a matrix, mirror_dict_blocks a dict, afterwards.
 RowSink matrix_sink(Tensor& h, std::size_t base, const Selection& sel) {
   double* data = h.mutable_data();
-  return [data, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values,
-                            bool mirrored) {
-    if (mirrored) return;
+  return [data, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
     double* matrix = data + (base + e) * sel.n * sel.n;
     std::memcpy(matrix + (sel.offsets[p] + row) * sel.n + sel.offsets[q], values, sel.sizes[q] * sizeof(double));
   };
 }
 
 RowSink dict_sink(HessianDict& d, std::size_t base, const Selection& sel) {
-  return [&d, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values,
-                          bool mirrored) {
-    if (!mirrored) {
-      Tensor& block = d.blocks_.at({sel.names[p], sel.names[q]});
-      std::memcpy(block.mutable_data() + ((base + e) * sel.sizes[p] + row) * sel.sizes[q], values,
-                  sel.sizes[q] * sizeof(double));
-      return;
-    }
-    double* block = d.blocks_.at({sel.names[q], sel.names[p]}).mutable_data() + (base + e) * sel.sizes[q] * sel.sizes[p];
-    for (std::size_t c = 0; c < sel.sizes[q]; ++c) block[c * sel.sizes[p] + row] = values[c];
+  return [&d, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
+    Tensor& block = d.blocks_.at({sel.names[p], sel.names[q]});
+    std::memcpy(block.mutable_data() + ((base + e) * sel.sizes[p] + row) * sel.sizes[q], values,
+                sel.sizes[q] * sizeof(double));
   };
 }
 
@@ -53,6 +45,18 @@ void mirror_upper_blocks(double* m, const Selection& sel) {
     for (std::size_t q = p + 1; q < sel.params.size(); ++q)
       detail::transpose_into(m + sel.offsets[p] * n + sel.offsets[q], n, sel.sizes[p], sel.sizes[q],
                              m + sel.offsets[q] * n + sel.offsets[p], n);
+}
+
+// The same for the output entries [first, first + count) of a dict.
+void mirror_dict_blocks(HessianDict& d, const Selection& sel, std::size_t first, std::size_t count) {
+  for (std::size_t p = 0; p < sel.params.size(); ++p)
+    for (std::size_t q = p + 1; q < sel.params.size(); ++q) {
+      const std::size_t sp = sel.sizes[p], sq = sel.sizes[q];
+      const double* upper = d.blocks_.at({sel.names[p], sel.names[q]}).data();
+      double* lower = d.blocks_.at({sel.names[q], sel.names[p]}).mutable_data();
+      for (std::size_t e = first; e < first + count; ++e)
+        detail::transpose_into(upper + e * sp * sq, sq, sp, sq, lower + e * sq * sp, sp);
+    }
 }
 
 HessianDict empty_dict(const Selection& sel, const Shape& lead, bool diagonal_only) {
@@ -101,7 +105,9 @@ HessianDict model_hessian_dict(nn::Module& model, const std::vector<Tensor>& inp
       "model_hessian_dict", model, inputs, sel, o,
       [&](const Shape& out_shape) { d = empty_dict(sel, out_shape, o.diagonal_only); },
       [&](std::size_t entry) { return dict_sink(d, entry, sel); }, [](std::size_t, std::size_t) {},
-      [](std::size_t, std::size_t) {});
+      [&](std::size_t first, std::size_t count) {
+        if (!o.diagonal_only) mirror_dict_blocks(d, sel, first, count);
+      });
   return d;
 }
 
@@ -138,6 +144,7 @@ HessianDict loss_hessian_dict(nn::Module& model, const Criterion& criterion, con
   check_memory(api, sel, 1, o);
   HessianDict d = empty_dict(sel, {}, o.diagonal_only);
   hessian_rows(loss, 0, 1, sel, o, dict_sink(d, 0, sel));
+  if (!o.diagonal_only) mirror_dict_blocks(d, sel, 0, 1);
   return d;
 }
 
@@ -205,7 +212,7 @@ Tensor loss_hessian_diagonal(nn::Module& model, const Criterion& criterion, cons
   RequestScope scope(model, sel);
   const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
   Tensor diag = zeros({sel.n});
-  hessian_rows(loss, 0, 1, sel, o, [&](std::size_t, std::size_t p, std::size_t row, std::size_t, const double* v, bool) {
+  hessian_rows(loss, 0, 1, sel, o, [&](std::size_t, std::size_t p, std::size_t row, std::size_t, const double* v) {
     diag.mutable_data()[sel.offsets[p] + row] = v[row];
   });
   return diag;

@@ -181,7 +181,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
         const Tensor rows = grad(g[p], sel.params[p], seeds_for(p, k, picks), second_level);
         if (rows.defined())
           for (std::size_t i = 0; i < k; ++i)
-            sink(picks[i].first, p, picks[i].second, p, rows.data() + i * sel.sizes[p], false);
+            sink(picks[i].first, p, picks[i].second, p, rows.data() + i * sel.sizes[p]);
         progress.update(rows_done += k);
       }
     }
@@ -210,10 +210,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
         const Tensor& block_rows = rows[j];
         if (!block_rows.defined()) continue;
         const double* values = block_rows.data();
-        for (std::size_t i = 0; i < k; ++i) {
-          sink(picks[i].first, p, picks[i].second, q, values + i * sel.sizes[q], false);
-          if (q > p) sink(picks[i].first, p, picks[i].second, q, values + i * sel.sizes[q], true);
-        }
+        for (std::size_t i = 0; i < k; ++i) sink(picks[i].first, p, picks[i].second, q, values + i * sel.sizes[q]);
       }
       progress.update(rows_done += k);
     }

@@ -64,10 +64,10 @@ std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_
 
 // Receives one Hessian row: output entry `entry` (within the group), row `row`
 // of parameter p (flattened), its part against parameter q (sizes[q] values).
-// With `mirrored`, the same values are column `row` of block (q, p) instead:
-// the Hessian is symmetric, so only blocks q >= p are computed.
+// The Hessian is symmetric, so only blocks q >= p are computed and reported:
+// a result that stores blocks q < p fills them by transposing afterwards.
 using RowSink = std::function<void(std::size_t entry, std::size_t p, std::size_t row, std::size_t q,
-                                   const double* values, bool mirrored)>;
+                                   const double* values)>;
 
 /// One-hot seed batches: zeros of `shape` with ones at the flat positions
 /// `ones`. Inside a SeedReuse scope a batch of the same shape is taken again

@@ -1,6 +1,5 @@
 // Symmetric packed and block-sparse Hessians. Both are filled from the row
-// engine's non-mirrored rows: those are the blocks (P, Q ≥ P), which hold the
-// upper triangle, and the mirrored copies of the same values are skipped.
+// engine's rows, which are those of the blocks (P, Q ≥ P): the upper triangle.
 #include <algorithm>
 #include <cstring>
 
@@ -55,8 +54,7 @@ PackedHessian packed(const char* api, const Selection& sel, const HessianOptions
       [&](const Tensor& y, std::size_t base) {
         hessians_of_entries(y, sel, o, [&](std::size_t first) -> RowSink {
           return [&h, &sel, first = base + first](std::size_t e, std::size_t p, std::size_t row, std::size_t q,
-                                                  const double* v, bool mirrored) {
-            if (mirrored) return;  // the lower triangle
+                                                  const double* v) {
             const std::size_t i = sel.offsets[p] + row;
             const std::size_t skip = q == p ? row : 0;  // a (P, P) row: only columns j ≥ i
             std::memcpy(&h.at(i, sel.offsets[q] + skip, first + e), v + skip, (sel.sizes[q] - skip) * sizeof(double));
@@ -89,9 +87,9 @@ BlockSparseHessian block_sparse(const char* api, const Selection& sel, const Hes
         hessians_of_entries(
             y, sel, o,
             [&](std::size_t first) -> RowSink {
+              // block (q, p) is not stored: block() transposes (p, q)
               return [&h, &sel, first = base + first](std::size_t e, std::size_t p, std::size_t row, std::size_t q,
-                                                      const double* v, bool mirrored) {
-                if (mirrored) return;  // block (q, p) is not stored: block() transposes (p, q)
+                                                      const double* v) {
                 double* block = h.blocks.at({p, q}).mutable_data();
                 std::memcpy(block + ((first + e) * sel.sizes[p] + row) * sel.sizes[q], v,
                             sel.sizes[q] * sizeof(double));
