@@ -27,8 +27,10 @@ inline Tensor make(const Shape& shape) { return Tensor::empty(shape); }
 #define HESSE_FAST_TLS __attribute__((tls_model("initial-exec")))
 
 // Hot loops of plain arithmetic get a copy for AVX2 machines, picked at load
-// time. The library is built with -ffp-contract=off: both copies round alike.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// time through an ifunc (GCC with glibc; other builds get the plain loop).
+// The library is built with -ffp-contract=off: both copies round alike. For
+// functions of internal linkage only: the ifunc is not meant to be exported.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
 #define HESSE_AVX2_CLONE __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define HESSE_AVX2_CLONE

@@ -759,6 +759,35 @@ BOOST_AUTO_TEST_CASE(per_sample_model_hessians_equal_full_batch_ones) {
   for (const auto& [key, blk] : db.blocks()) CHECK_REL(blk, df.at(key.first, key.second), 1e-12);
 }
 
+// The dict's lower blocks (Q, P) are transposed from (P, Q) after each
+// output's rows: every entry's, per sample and over the whole batch.
+BOOST_AUTO_TEST_CASE(dict_blocks_match_the_matrix_for_every_entry) {
+  Generator gen(45);
+  auto net = gelu_softplus_net(gen, 3, 4, 2);
+  const Tensor x = randn({3, 3}, gen);
+  const std::vector<std::size_t> off = offsets_of(*net);
+  const std::size_t n = off.back();
+  for (const bool is_batch : {true, false}) {
+    BOOST_TEST_CONTEXT("is_batch " << is_batch) {
+      HessianOptions o;
+      o.is_batch = is_batch;
+      const Tensor h = reshape(model_hessian_matrix(*net, {x}, o), Shape{6, n, n});
+      const HessianDict d = model_hessian_dict(*net, {x}, o);
+      for (std::size_t p = 0; p < d.names().size(); ++p)
+        for (std::size_t q = 0; q < d.names().size(); ++q) {
+          const std::size_t rp = off[p + 1] - off[p], rq = off[q + 1] - off[q];
+          const Tensor blocks = reshape(d(d.names()[p], d.names()[q]), Shape{6, rp, rq});
+          for (std::size_t e = 0; e < 6; ++e) {
+            const Tensor entry = reshape(slice(blocks, 0, std::int64_t(e), std::int64_t(e) + 1), Shape{rp, rq});
+            const Tensor matrix = reshape(slice(h, 0, std::int64_t(e), std::int64_t(e) + 1), Shape{n, n});
+            CHECK_EXACT(entry, block_of(matrix, off[p], rp, off[q], rq));
+          }
+        }
+      BOOST_CHECK_GT(max_abs(h), 1e-3);
+    }
+  }
+}
+
 // Seed batches are reused across passes (only their ones are rewritten), but
 // never one that something still holds. Here every pass's seeds have the
 // shape of the first-level seeds, [8 entries, 8 entries, 2] (16 outputs in

@@ -54,6 +54,8 @@ class RuleTimer {
   std::chrono::steady_clock::time_point start_;
 };
 
+// sum's buffer has one owner (accumulate checks), so it never overlaps term:
+// __restrict spares the loop its overlap tests.
 HESSE_AVX2_CLONE void add_into(double* __restrict sum, const double* __restrict term, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) sum[i] += term[i];
 }

@@ -104,7 +104,10 @@ std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_
 namespace {
 
 thread_local SeedReuse* active_reuse = nullptr;
-constexpr std::size_t kKeptSeedBatches = 4;  // a pass per parameter takes one shape each
+// Batches a scope keeps alive: the shapes of a request are few (the entry
+// seeds; per parameter, whole chunks and a last partial one), and what is
+// kept is memory held until the scope ends.
+constexpr std::size_t kKeptSeedBatches = 8;
 
 bool held_alone(const Tensor& t) {
   return t.impl().use_count() == 1 && t.impl()->storage.use_count() == 1;
@@ -120,17 +123,28 @@ SeedReuse::~SeedReuse() {
   if (outermost_) active_reuse = nullptr;
 }
 
-Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones) {
-  SeedReuse::Batch* kept = nullptr;
-  if (SeedReuse* reuse = active_reuse) {
-    for (SeedReuse::Batch& b : reuse->batches_)
-      if (b.values.shape() == shape && held_alone(b.values)) {
-        kept = &b;
-        break;
-      }
-    if (!kept && reuse->batches_.size() < kKeptSeedBatches)
-      kept = &reuse->batches_.emplace_back(SeedReuse::Batch{zeros(shape), {}});
+// The batch of this shape that no one else holds; else a new one, in a free
+// slot or in place of the least recently used batch no one holds.
+SeedReuse::Batch* SeedReuse::batch_for(const Shape& shape) {
+  Batch* oldest_free = nullptr;
+  for (Batch& b : batches_) {
+    if (!held_alone(b.values)) continue;
+    if (b.values.shape() == shape) {
+      b.last_use = ++uses_;
+      return &b;
+    }
+    if (!oldest_free || b.last_use < oldest_free->last_use) oldest_free = &b;
   }
+  if (batches_.size() < kKeptSeedBatches) {
+    if (batches_.empty()) batches_.reserve(kKeptSeedBatches);
+    oldest_free = &batches_.emplace_back();
+  }
+  if (oldest_free) *oldest_free = Batch{zeros(shape), {}, ++uses_};
+  return oldest_free;
+}
+
+Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones) {
+  SeedReuse::Batch* kept = active_reuse ? active_reuse->batch_for(shape) : nullptr;
   Tensor values = kept ? kept->values : zeros(shape);
   double* v = values.mutable_data();
   if (kept) {
@@ -220,6 +234,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
 void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
                          const std::function<RowSink(std::size_t entry)>& sink_from,
                          const std::vector<bool>* wanted_blocks) {
+  SeedReuse reuse;  // across the entry groups
   for (std::size_t first = 0; first < y.numel(); first += kEntryGroup)
     hessian_rows(y, first, std::min(kEntryGroup, y.numel() - first), sel, o, sink_from(first), wanted_blocks);
 }

@@ -91,9 +91,12 @@ class SeedReuse {
   friend Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones);
   struct Batch {
     Tensor values;
-    std::vector<std::size_t> ones;
+    std::vector<std::size_t> ones;  // where values holds 1
+    std::size_t last_use = 0;
   };
+  Batch* batch_for(const Shape& shape);
   std::vector<Batch> batches_;
+  std::size_t uses_ = 0;
   bool outermost_;
 };
 

@@ -274,8 +274,8 @@ Tensor sigmoid_backward(const Tensor& g, const Tensor& y) {
 
 // As HESSE_AVX2_CLONE (detail.hpp), and comparisons that may not trap let
 // the loop vectorise (tanh's clamp).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HESSE_VECTORISED __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("no-trapping-math")))
+#if defined(__GNUC__) && !defined(__clang__)
+#define HESSE_VECTORISED HESSE_AVX2_CLONE __attribute__((optimize("no-trapping-math")))
 #else
 #define HESSE_VECTORISED
 #endif

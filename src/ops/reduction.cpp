@@ -28,8 +28,8 @@ double sum_run(const double* x, std::size_t n) {
 
 // out[a, c] += Σ_j in[a, j, c]; in and out never overlap (which spares the
 // short rows of seed batches the overlap tests of vectorised loops).
-HESSE_AVX2_CLONE void sum_middle(const double* __restrict in, std::size_t outer, std::size_t mid, std::size_t inner,
-                double* __restrict out) {
+HESSE_AVX2_CLONE void sum_middle(const double* __restrict in, std::size_t outer, std::size_t mid,
+                                 std::size_t inner, double* __restrict out) {
   for (std::size_t a = 0; a < outer; ++a)
     for (std::size_t j = 0; j < mid; ++j) {
       const double* row = in + (a * mid + j) * inner;
