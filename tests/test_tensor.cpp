@@ -182,6 +182,8 @@ BOOST_AUTO_TEST_CASE(shapes_whose_size_overflows_throw) {
   const std::size_t big = std::size_t(1) << 40;
   HESSE_CHECK_THROWS(Tensor::empty(S({big, big})), ValueError, "too many elements");
   HESSE_CHECK_THROWS(zeros(S({big, big, 2})), ValueError, "too many elements");
+  HESSE_CHECK_THROWS(Tensor::empty(S({big * 4, big * 4})), ValueError, "too many elements");  // wraps to 0
+  HESSE_CHECK_THROWS(Tensor::empty(S({std::size_t(1) << 61})), ValueError, "too many elements");  // bytes overflow
   BOOST_TEST(Tensor::empty(S({big, big, 0})).numel() == 0u);  // zero elements is fine
 }
 

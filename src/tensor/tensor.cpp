@@ -47,14 +47,14 @@ void manual_seed(std::uint64_t seed) { default_generator().seed(seed); }
 namespace {
 // The number of elements of a shape; refuses a shape whose byte count wraps
 // around (it would get a buffer smaller than the shape says).
+// (overflow flags, not a division per dimension: every new tensor passes here)
 std::size_t checked_numel(const Shape& shape) {
   if (std::find(shape.begin(), shape.end(), std::size_t(0)) != shape.end()) return 0;
   std::size_t numel = 1;
-  for (std::size_t d : shape) {
-    if (numel > std::numeric_limits<std::size_t>::max() / sizeof(double) / d)
-      throw ValueError(detail::message("Tensor", "shape ", to_string(shape), " has too many elements"));
-    numel *= d;
-  }
+  bool overflow = false;
+  for (std::size_t d : shape) overflow |= __builtin_mul_overflow(numel, d, &numel);
+  if (overflow || numel > std::numeric_limits<std::size_t>::max() / sizeof(double))
+    throw ValueError(detail::message("Tensor", "shape ", to_string(shape), " has too many elements"));
   return numel;
 }
 }  // namespace
