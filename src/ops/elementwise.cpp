@@ -273,9 +273,11 @@ Tensor sigmoid_backward(const Tensor& g, const Tensor& y) {
 }
 
 // As HESSE_AVX2_CLONE (detail.hpp), and comparisons that may not trap let
-// the loop vectorise (tanh's clamp).
+// the loop vectorise (tanh's clamp). Fused multiply-adds are allowed here:
+// tanh's polynomial runs 1.8x faster with them, so its AVX2 copy rounds
+// unlike the plain one (both stay within 3 ulp of libm: test_elementwise).
 #if defined(__GNUC__) && !defined(__clang__)
-#define HESSE_VECTORISED HESSE_AVX2_CLONE __attribute__((optimize("no-trapping-math")))
+#define HESSE_VECTORISED HESSE_AVX2_CLONE __attribute__((optimize("no-trapping-math", "fp-contract=fast")))
 #else
 #define HESSE_VECTORISED
 #endif
