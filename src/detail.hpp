@@ -36,6 +36,10 @@ inline Tensor make(const Shape& shape) { return Tensor::empty(shape); }
 #define HESSE_AVX2_CLONE
 #endif
 
+/// True when no other tensor shares t's TensorImpl or its buffer: its values
+/// may then be taken or overwritten in place.
+inline bool held_alone(const Tensor& t) { return t.impl().use_count() == 1 && t.impl()->storage.use_count() == 1; }
+
 /// std::make_shared with the object and its count in a recycled block.
 template <class T, class... Args>
 std::shared_ptr<T> make_cached(Args&&... args) {

@@ -66,8 +66,7 @@ HESSE_AVX2_CLONE void add_into(double* __restrict sum, const double* __restrict 
 void accumulate(Tensor& into, const Tensor& g) {
   if (!into.defined()) {
     into = g;
-  } else if (!grad_enabled && !into.requires_grad() && into.impl().use_count() == 1 &&
-             into.impl()->storage.use_count() == 1 && into.shape() == g.shape()) {
+  } else if (!grad_enabled && !into.requires_grad() && detail::held_alone(into) && into.shape() == g.shape()) {
     add_into(into.mutable_data(), g.data(), g.numel());
   } else {
     into = into + g;
@@ -389,7 +388,7 @@ class Pass {
     }
     if (leaf->grad) {
       leaf->grad = (Tensor(leaf->grad) + (g.requires_grad() ? g.detach() : g)).impl();
-    } else if (!g.requires_grad() && g.impl().use_count() == 1 && g.impl()->storage.use_count() == 1) {
+    } else if (!g.requires_grad() && detail::held_alone(g)) {
       leaf->grad = g.impl();  // nobody else sees this buffer: take it
     } else {
       // a seed, or a gradient also sent elsewhere (z = a + b hands the same

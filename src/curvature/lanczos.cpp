@@ -117,9 +117,8 @@ double norm(const double* x, std::size_t n) { return std::sqrt(cblas_ddot(int(n)
 
 namespace {
 
-// True when nothing but `t` holds its values: an operator may return a result
-// it keeps, or its input (a view of the basis); only its own may be overwritten.
-bool is_own(const Tensor& t) { return t.impl().use_count() == 1 && t.impl()->storage.use_count() == 1; }
+// (An operator may return a result it keeps, or its input, a view of the
+// basis: only a product held alone, detail::held_alone, may be overwritten.)
 
 // ‖y − θ x‖ over n entries. `own` is y's buffer when y may be overwritten
 // (then on BLAS's threads), else null.
@@ -213,8 +212,9 @@ void KrylovBasis::step() {
       full = needs_full_pass(b0, alpha, size) || always_full_;
       normalized = !full && size > 1e-12 * anorm_ && m_ < n_;
     }
-    const double written = combine(product.data(), is_own(product) ? product.mutable_data() : nullptr, alpha, vj,
-                                   gamma, vp, normalized ? 1.0 / size : 1.0, n_, w);
+    double* own = detail::held_alone(product) ? product.mutable_data() : nullptr;
+    const double written =
+        combine(product.data(), own, alpha, vj, gamma, vp, normalized ? 1.0 / size : 1.0, n_, w);
     if (normalized) {
       const double length = std::sqrt(written);  // 1 to rounding
       if (std::abs(length - 1.0) > 1e-12) cblas_dscal(int(n_), 1.0 / length, w, 1);
@@ -526,7 +526,7 @@ Eigenpairs lanczos(const LinearOperator& op, const LanczosOptions& o) {
     out.values.mutable_data()[i] = pairs[i].value;
   }
   Tensor ax = op(out.vectors);
-  double* own = detail::is_own(ax) ? ax.mutable_data() : nullptr;
+  double* own = detail::held_alone(ax) ? ax.mutable_data() : nullptr;
   const double tolerance = o.tolerance * spectral_scale(pairs);
   out.converged = true;
   for (std::size_t i = 0; i < k; ++i) {
@@ -559,7 +559,7 @@ PowerIteration power_iteration(const LinearOperator& op, std::size_t steps, std:
   for (std::size_t i = 1; i < steps; ++i) {
     const double size = detail::norm(av.data(), n);
     if (!(size > 0)) break;  // A v = 0: v is an eigenvector of 0
-    if (detail::is_own(av)) {  // scaled in place, on BLAS's threads
+    if (detail::held_alone(av)) {  // scaled in place, on BLAS's threads
       cblas_dscal(int(n), 1.0 / size, av.mutable_data(), 1);
       v = std::move(av);
     } else {  // av / ‖av‖ in one pass (a clone, then a scale, would be two)
@@ -572,7 +572,8 @@ PowerIteration power_iteration(const LinearOperator& op, std::size_t steps, std:
   }
   PowerIteration out;
   out.value = cblas_ddot(int(n), v.data(), 1, av.data(), 1);
-  out.residual = detail::residual(av.data(), detail::is_own(av) ? av.mutable_data() : nullptr, out.value, v.data(), n);
+  double* own = detail::held_alone(av) ? av.mutable_data() : nullptr;
+  out.residual = detail::residual(av.data(), own, out.value, v.data(), n);
   out.vector = v;
   out.products = op.products() - products_before;
   return out;

@@ -109,10 +109,6 @@ thread_local SeedReuse* active_reuse = nullptr;
 // kept is memory held until the scope ends.
 constexpr std::size_t kKeptSeedBatches = 8;
 
-bool held_alone(const Tensor& t) {
-  return t.impl().use_count() == 1 && t.impl()->storage.use_count() == 1;
-}
-
 }  // namespace
 
 SeedReuse::SeedReuse() : outermost_(active_reuse == nullptr) {
@@ -234,7 +230,6 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
 void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
                          const std::function<RowSink(std::size_t entry)>& sink_from,
                          const std::vector<bool>* wanted_blocks) {
-  SeedReuse reuse;  // across the entry groups
   for (std::size_t first = 0; first < y.numel(); first += kEntryGroup)
     hessian_rows(y, first, std::min(kEntryGroup, y.numel() - first), sel, o, sink_from(first), wanted_blocks);
 }
@@ -282,8 +277,7 @@ double* ColumnSum::values() {
 bool ColumnSum::adopt(const Tensor& part) {
   part.data();  // deferred values are computed (and the buffer taken) first
   const std::shared_ptr<TensorImpl>& impl = part.impl();
-  if (impl.use_count() != 1 || impl->offset != 0 || impl->storage.use_count() != 1 || impl->storage->capacity < sel_.n)
-    return false;
+  if (!held_alone(part) || impl->offset != 0 || impl->storage->capacity < sel_.n) return false;
   auto row = make_cached<TensorImpl>();
   row->shape = {1, sel_.n};
   row->numel = sel_.n;
@@ -392,7 +386,7 @@ Outputs loss_outputs(const char* api, nn::Module& model, const Criterion& criter
 
 Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o) {
   return [=, &model, &inputs](const StartFn& start, const OutputFn& each) {
-    SeedReuse reuse;  // every sample's passes take seed batches of the same shapes
+    SeedReuse reuse;  // every sample's (and entry group's) passes take seed batches of the same shapes
     const std::size_t batches = o.is_batch ? batch_size(api, inputs) : 1;
     std::size_t per_sample = 0;
     for (std::size_t b = 0; b < batches; ++b) {
