@@ -741,6 +741,28 @@ BOOST_AUTO_TEST_CASE(batch_loss_hessian_equals_per_sample_loss_hessians) {
   }
 }
 
+BOOST_AUTO_TEST_CASE(a_sample_whose_target_is_ignored_has_a_zero_hessian) {
+  // its mean cross-entropy is 0 / 0 (NaN, as in PyTorch) but no derivative
+  // reaches it: its Hessian, its sharpness and its part of the Fisher are zero
+  Generator gen(44);
+  auto net = nn::mlp({3, 4, 3}, nn::Activation::Kind::tanh, gen);
+  const Tensor x = randn({3, 3}, gen);
+  const Tensor classes = Tensor{0, -100, 2};
+  const nn::CrossEntropyLoss ce;
+  const std::size_t n = net->num_parameters(true);
+  const Tensor hb = batch_loss_hessian_matrix(*net, ce, {x}, classes);
+  HESSE_CHECK_CLOSE(hessian_at(hb, 1), zeros({n, n}), 0.0);
+  BOOST_CHECK_GT(max_abs(hessian_at(hb, 0)), 1e-3);
+  const Tensor s = batch_loss_sharpness(*net, ce, {x}, classes);
+  BOOST_CHECK_EQUAL(s.data()[1], 0.0);
+  BOOST_CHECK(std::isfinite(s.data()[0]) && std::isfinite(s.data()[2]));
+  const Tensor hv = hessian_vector_product(*net, ce, sample_of({x}, 1), slice(classes, 0, 1, 2), randn({n}, gen));
+  HESSE_CHECK_CLOSE(hv, zeros({n}), 0.0);
+  const Tensor fisher = to_dense(empirical_fisher_operator(*net, ce, {x}, classes));
+  for (std::size_t i = 0; i < fisher.numel(); ++i) BOOST_REQUIRE(std::isfinite(fisher.data()[i]));
+  BOOST_CHECK_GT(max_abs(fisher), 1e-3);
+}
+
 BOOST_AUTO_TEST_CASE(per_sample_model_hessians_equal_full_batch_ones) {
   Generator gen(41);
   auto net = gelu_softplus_net(gen, 3, 4, 2);
@@ -923,6 +945,12 @@ BOOST_AUTO_TEST_CASE(hvp_equals_dense_product) {
   const Tensor Hs = loss_hessian_matrix(*net, ce, {x}, t, o);
   const Tensor vs = randn({16}, gen);
   CHECK_REL(hessian_vector_product(*net, ce, {x}, t, vs, o), matmul(Hs, vs), 1e-12);
+  // with diagonal_only, the product with the (P, P) blocks alone
+  HessianOptions diagonal;
+  diagonal.diagonal_only = true;
+  const Tensor D = loss_hessian_matrix(*net, ce, {x}, t, diagonal);
+  BOOST_REQUIRE_GT(max_abs(H - D), 1e-3);  // the off-diagonal blocks are not zero here
+  CHECK_REL(hessian_vector_product(*net, ce, {x}, t, V, diagonal), transpose(matmul(D, transpose(V))), 1e-12);
 }
 
 // The first-level gradient is only seeded, never read: its largest product
@@ -1026,6 +1054,14 @@ BOOST_AUTO_TEST_CASE(sharpness_equals_max_abs_eigenvalue) {
   // eigenvalues (-3 ± √53) / 2: the largest in absolute value is negative
   BOOST_CHECK_CLOSE(symmetric_sharpness(m).item(), (3.0 + std::sqrt(53.0)) / 2.0, 1e-10);
   HESSE_CHECK_THROWS(symmetric_sharpness(zeros({2, 3})), ShapeError, "[2, 3]");
+  // a matrix that is not finite has no sharpness; the others of a batch keep theirs
+  Tensor batch = zeros({3, 2, 2});
+  batch.mutable_data()[0] = 2.0;
+  batch.mutable_data()[5] = std::nan("");
+  batch.mutable_data()[11] = -INFINITY;
+  const Tensor per_matrix = symmetric_sharpness(batch);
+  BOOST_CHECK_EQUAL(per_matrix.data()[0], 2.0);
+  BOOST_CHECK(std::isnan(per_matrix.data()[1]) && std::isnan(per_matrix.data()[2]));
 }
 
 BOOST_AUTO_TEST_SUITE_END()

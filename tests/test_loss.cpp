@@ -315,8 +315,23 @@ BOOST_AUTO_TEST_CASE(nll_ignore_index) {
   HESSE_CHECK_CLOSE(nn::nll_loss(logp, y, {Reduction::none}), (Tensor{2.0, 0.0, 5.0}), 0.0);
   HESSE_CHECK_CLOSE(nn::nll_loss(logp, y), Tensor(3.5), 0.0);  // (2 + 5) / 2 counted samples
   HESSE_CHECK_CLOSE(nn::nll_loss(logp, Tensor{1.0, 1.0, 0.0}, {Reduction::mean, Tensor(), 1}), Tensor(5.0), 0.0);
-  // everything ignored: the mean is 0 / 0, as in PyTorch
+  // everything ignored: the mean is 0 / 0, as in PyTorch, whose derivatives
+  // skip ignored rows: zero, not 0 · ∞ (targets of weight 0 give NaN in both)
   BOOST_CHECK(std::isnan(nn::nll_loss(logp, Tensor{-100.0, -100.0, -100.0}).item()));
+  for (double eps : {0.0, 0.2}) {
+    Tensor x = param(logp);
+    const Tensor all_ignored = nn::cross_entropy(x, Tensor{-100.0, -100.0, -100.0}, {Reduction::mean, eps});
+    BOOST_CHECK(std::isnan(all_ignored.item()));
+    GradOptions recorded;
+    recorded.create_graph = true;
+    const Tensor g = grad(all_ignored, x, Tensor(), recorded);
+    HESSE_CHECK_CLOSE(g, zeros({3, 2}), 0.0);
+    BOOST_REQUIRE(g.requires_grad());
+    HESSE_CHECK_CLOSE(grad(g, x, ones({3, 2})), zeros({3, 2}), 0.0);  // and second derivatives
+    Tensor zero_weight = param(logp);
+    nn::nll_loss(zero_weight, Tensor{0.0, 0.0, 0.0}, {Reduction::mean, Tensor{0.0, 1.0}}).backward();
+    BOOST_CHECK(std::isnan(zero_weight.grad().data()[0]));
+  }
   // no gradient reaches an ignored row
   Tensor lp = param(logp);
   nn::nll_loss(lp, y).backward();

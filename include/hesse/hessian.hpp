@@ -99,14 +99,16 @@ Tensor batch_loss_sharpness(nn::Module& model, const Criterion& criterion, const
                             const Tensor& target, const HessianOptions& options = {});
 
 // ---- matrix-free ----
-/// H v for the loss Hessian, v of shape [n] (or [k, n]: k products in one pass).
+/// H v for the loss Hessian, v of shape [n] (or [k, n]: k products in one pass);
+/// with diagonal_only, the product with its block-diagonal part (the (P, P) blocks).
 Tensor hessian_vector_product(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
                               const Tensor& target, const Tensor& v, const HessianOptions& options = {});
 /// The exact diagonal of the loss Hessian, [n].
 Tensor loss_hessian_diagonal(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
                              const Tensor& target, const HessianOptions& options = {});
 
-/// The largest |eigenvalue| of a symmetric matrix [n, n] (or of each matrix in [..., n, n]).
+/// The largest |eigenvalue| of a symmetric matrix [n, n] (or of each matrix in [..., n, n]);
+/// NaN for a matrix with a NaN or infinite entry (a loss that is not finite there).
 Tensor symmetric_sharpness(const Tensor& matrices);
 
 }  // namespace hesse

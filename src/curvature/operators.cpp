@@ -38,23 +38,6 @@ enum class Kind { hessian, ggn, fisher };
 
 // ---- small helpers (the batched-gradient ones are in request.hpp) ----
 
-/// The parameter groups of one product: all parameters together, or each alone
-/// for the block-diagonal part (seeds and derivatives stay within P).
-std::vector<std::vector<std::size_t>> groups_of(const Selection& sel, bool block_diagonal) {
-  std::vector<std::vector<std::size_t>> groups;
-  for (std::size_t p = 0; p < sel.params.size(); ++p) {
-    if (block_diagonal || groups.empty()) groups.emplace_back();
-    groups.back().push_back(p);
-  }
-  return groups;
-}
-
-std::vector<Tensor> pick(const std::vector<Tensor>& all, const std::vector<std::size_t>& group) {
-  std::vector<Tensor> out;
-  for (std::size_t p : group) out.push_back(all[p]);
-  return out;
-}
-
 Shape trailing(const Tensor& t) { return Shape(t.shape().begin() + 1, t.shape().end()); }
 
 /// Checks a dataset (batches agree on everything but the leading batch dimension)
@@ -303,7 +286,7 @@ LinearOperator make_operator(const char* api, const char* name, Kind kind, nn::M
   op->criterion = criterion;
   op->options = o;
   op->sel = select(api, model, o.params);
-  op->groups = groups_of(op->sel, o.block_diagonal);
+  op->groups = parameter_groups(op->sel, o.block_diagonal);
   if (weights.defined()) op->weights = weights.detach();  // the model Hessian: no criterion
   else if (!criterion) throw ValueError(message(api, "no criterion given"));
   for (const Batch& b : data) op->data.push_back(detached(b));
@@ -400,7 +383,7 @@ Tensor third_order_directional(nn::Module& model, const Criterion& criterion, co
   if (!loss.requires_grad()) return reshape(out.result(), Shape{sel.n});
   const std::vector<Tensor> g = recorded_grad(loss, sel.params);
   Tensor s;  // vᵀ H v (only the (P, P) blocks with block_diagonal)
-  for (const auto& group : groups_of(sel, o.block_diagonal)) {
+  for (const auto& group : parameter_groups(sel, o.block_diagonal)) {
     std::vector<Tensor> seeds;
     for (std::size_t p : group) seeds.push_back(part_of(V, sel, p));
     const std::vector<Tensor> hv = block_grad(pick(g, group), seeds, pick(sel.params, group), true);

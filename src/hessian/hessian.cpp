@@ -194,10 +194,13 @@ Tensor hessian_vector_product(nn::Module& model, const Criterion& criterion, con
   const Tensor vk = batched ? v : unsqueeze(v, 0);
   ColumnSum out(sel, vk.shape()[0]);
   if (loss.requires_grad()) {  // else the loss does not depend on the selection: H = 0
-    std::vector<Tensor> seeds;
-    std::vector<std::size_t> all;
-    for (std::size_t p = 0; p < sel.params.size(); ++p) seeds.push_back(part_of(vk, sel, p)), all.push_back(p);
-    out.add(all, block_grad(recorded_grad(loss, sel.params), seeds, sel.params), 1.0);
+    const std::vector<Tensor> g = recorded_grad(loss, sel.params);
+    // with diagonal_only each parameter's part of v goes through its own gradient alone: the (P, P) blocks
+    for (const auto& group : parameter_groups(sel, o.diagonal_only)) {
+      std::vector<Tensor> seeds;
+      for (std::size_t p : group) seeds.push_back(part_of(vk, sel, p));
+      out.add(group, block_grad(pick(g, group), seeds, pick(sel.params, group)), 1.0);
+    }
   }
   const Tensor hv = out.result();
   return batched ? hv : reshape(hv, Shape{sel.n});

@@ -262,6 +262,21 @@ std::vector<Tensor> recorded_grad(const Tensor& y, const std::vector<Tensor>& wr
   return grad({y}, wrt, {seed}, o);
 }
 
+std::vector<std::vector<std::size_t>> parameter_groups(const Selection& sel, bool block_diagonal) {
+  std::vector<std::vector<std::size_t>> groups;
+  for (std::size_t p = 0; p < sel.params.size(); ++p) {
+    if (block_diagonal || groups.empty()) groups.emplace_back();
+    groups.back().push_back(p);
+  }
+  return groups;
+}
+
+std::vector<Tensor> pick(const std::vector<Tensor>& all, const std::vector<std::size_t>& group) {
+  std::vector<Tensor> out;
+  for (std::size_t p : group) out.push_back(all[p]);
+  return out;
+}
+
 ColumnSum::ColumnSum(const Selection& sel, std::size_t k) : sel_(sel), k_(k), written_(sel.params.size(), false) {}
 
 double* ColumnSum::values() {

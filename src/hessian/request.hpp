@@ -125,6 +125,11 @@ std::vector<Tensor> block_grad(const std::vector<Tensor>& outputs, const std::ve
 /// differentiated again; `batched`: the seed has extra leading dimensions.
 std::vector<Tensor> recorded_grad(const Tensor& y, const std::vector<Tensor>& wrt, const Tensor& seed = Tensor(),
                                   bool batched = false);
+/// The parameter groups of one product: all parameters together, or each alone
+/// for the block-diagonal part (seeds and derivatives stay within P).
+std::vector<std::vector<std::size_t>> parameter_groups(const Selection& sel, bool block_diagonal);
+/// The entries of `all` at the positions in `group`.
+std::vector<Tensor> pick(const std::vector<Tensor>& all, const std::vector<std::size_t>& group);
 /// A block [k, n] summed from per-parameter parts: the first part given for a
 /// parameter is copied into its columns, later ones are added, and columns no
 /// part reached are zero in result(). (Filling with zeros and adding would

@@ -1,8 +1,10 @@
 // Sharpness: the largest |eigenvalue| of each Hessian. Dense Hessians go to
 // LAPACK; a request whose dense Hessian would not fit the memory limit switches
 // to matrix-free Lanczos on the Hessian operator, and says so.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <iostream>
 
 #include "hesse/curvature.hpp"
@@ -67,9 +69,14 @@ Tensor symmetric_sharpness(const Tensor& matrices) {
   std::vector<double> a(std::size_t(n) * std::size_t(n)), w(std::max<std::size_t>(std::size_t(n), 1)), z(1);
   std::vector<int> isuppz(2 * std::size_t(std::max(n, 1)));
   for (std::size_t e = 0; e < out.numel(); ++e) {
+    const double* m = matrices.data() + e * a.size();
+    if (!std::all_of(m, m + a.size(), [](double x) { return std::isfinite(x); })) {
+      out.mutable_data()[e] = std::numeric_limits<double>::quiet_NaN();  // LAPACK would fail on it
+      continue;
+    }
     double extreme = 0.0;
     for (int which : {1, n}) {  // the smallest and the largest eigenvalue
-      std::memcpy(a.data(), matrices.data() + e * a.size(), a.size() * sizeof(double));
+      std::memcpy(a.data(), m, a.size() * sizeof(double));
       const char jobz = 'N', range = 'I', uplo = 'U';
       const double vl = 0, vu = 0, abstol = 0;
       int m = 0, info = 0, lwork = -1, liwork = -1, iwork_query = 0;

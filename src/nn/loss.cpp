@@ -4,6 +4,7 @@
 // constant tensor.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "hesse/nn/loss.hpp"
@@ -61,6 +62,7 @@ struct ClassTargets {
   Tensor index;          // [N, 1, d...]: the target class, 0 where ignored (for gather)
   Tensor sample_weight;  // [N, d...]: w[y], 0 where ignored
   double weight_sum = 0; // Σ sample_weight: the mean's denominator
+  std::size_t counted = 0;  // targets not ignored
   bool trivial = true;   // no class weights and nothing ignored (sample_weight is all ones)
 };
 
@@ -92,6 +94,7 @@ ClassTargets class_targets(const char* op, const Tensor& input, const Tensor& ta
     index[i] = v;
     w[i] = weight.defined() ? weight.data()[std::size_t(v)] : 1.0;
     out.weight_sum += w[i];
+    ++out.counted;
   }
   out.index = filled(index_shape, index);
   out.sample_weight = filled(target.shape(), w);
@@ -151,7 +154,13 @@ Tensor index_loss(const char* op, const Tensor& logp, const Tensor& target, cons
   switch (reduction) {
     case Reduction::none: return unbatched ? reshape(loss, Shape{}) : loss;
     case Reduction::sum: return sum(loss);
-    case Reduction::mean: return t.trivial ? mean(loss) : sum(loss) / t.weight_sum;
+    case Reduction::mean:
+      if (t.trivial) return mean(loss);
+      // Every target ignored: the value is 0 / 0 as in PyTorch, whose
+      // derivatives skip ignored targets (zero, not 0 · ∞). Targets of weight 0
+      // give NaN derivatives, in PyTorch too.
+      if (t.counted == 0) return sum(loss) * 0.0 + std::numeric_limits<double>::quiet_NaN();
+      return sum(loss) / t.weight_sum;
   }
   return loss;
 }
