@@ -32,6 +32,8 @@ struct HessianOptions {
   bool diagonal_only = false;
   /// The leading dimension of every input is a batch: each sample is evaluated
   /// on its own and gets its own Hessian (as with vmap in the Python library).
+  /// Model Hessians and model_sharpness only: a loss is one scalar over the
+  /// batch (batch_loss_hessian_matrix gives each sample's).
   bool is_batch = true;
   /// Seeds pushed through one batched backward pass (0 = choose).
   std::size_t chunk_size = 0;
