@@ -244,6 +244,29 @@ BOOST_AUTO_TEST_CASE(repeated_eigenvalues_survive_breakdown) {
   BOOST_CHECK_LE(e.products, 40u);  // restarts are cheap: no walk to max_products
 }
 
+BOOST_AUTO_TEST_CASE(eigenvectors_along_the_axes_are_found_from_every_seed) {
+  // Random-sign start vectors are orthogonal to e₁ - e₂ half the time and, on
+  // restart, to the rest of a repeated eigenvalue's axes: those eigenvalues
+  // were then missed, with converged = true. Every seed must find them.
+  Tensor pair = zeros({12, 12});  // top eigenvector (e₁ - e₂)/√2: eigenvalues 3, 1, 0, ...
+  pair.mutable_data()[0] = pair.mutable_data()[13] = 2.0;
+  pair.mutable_data()[1] = pair.mutable_data()[12] = -1.0;
+  Tensor repeated = zeros({12, 12});  // diag(5, 5, 5, 1, 0, ...)
+  for (std::size_t i = 0; i < 4; ++i) repeated.mutable_data()[i * 13] = i < 3 ? 5.0 : 1.0;
+  for (std::uint64_t seed = 0; seed < 24; ++seed) {
+    BOOST_TEST_CONTEXT("seed " << seed) {
+      LanczosOptions o = options(1, Which::largest);
+      o.seed = seed;
+      BOOST_CHECK_SMALL(lanczos(matrix_operator(pair), o).values.data()[0] - 3.0, 1e-10);
+      o.k = 4;
+      const Eigenpairs e = lanczos(matrix_operator(repeated), o);
+      BOOST_CHECK(e.converged);
+      HESSE_CHECK_CLOSE(e.values, (Tensor{5.0, 5.0, 5.0, 1.0}), 1e-10);
+      BOOST_CHECK_SMALL(power_iteration(matrix_operator(pair), 200, seed).value - 3.0, 1e-8);
+    }
+  }
+}
+
 BOOST_AUTO_TEST_CASE(low_rank_operator_stops_after_its_range) {
   // rank 8 in R^100: the range is exhausted after ~9 products, then one restart
   // lands in the null space and confirms nothing larger remains

@@ -60,6 +60,19 @@ void fill_rademacher(Generator& gen, double* out, std::size_t count) {
   }
 }
 
+// SplitMix64 on a counter: every value is independent of the others, so the
+// loop vectorises, and the whole vector costs one draw of the (slower) engine.
+void fill_uniform(Generator& gen, double* out, std::size_t count) {
+  const std::uint64_t seed = gen.engine()();
+  for (std::size_t i = 0; i < count; ++i) {
+    std::uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    out[i] = double(z >> 11) * 0x1p-52 - 1.0;  // 53 random bits
+  }
+}
+
 namespace {
 
 /// W ← W − Cᵀ V with C = V Wᵀ: removes from `count` rows W [count, n] their
@@ -164,7 +177,7 @@ void KrylovBasis::start(const double* rows, std::size_t count) {
 }
 
 void KrylovBasis::start_random() {
-  fill_rademacher(gen_, row_mut(0), block_ * n_);  // random signs: as good a start, far cheaper than normals
+  fill_uniform(gen_, row_mut(0), block_ * n_);
   start(row(0), block_);
 }
 
@@ -345,7 +358,7 @@ std::size_t KrylovBasis::orthonormalize_block(std::size_t count, double threshol
 bool KrylovBasis::random_row(std::size_t r) {
   if (r >= n_) return false;
   double* x = row_mut(r);
-  fill_rademacher(gen_, x, n_);
+  fill_uniform(gen_, x, n_);
   std::vector<double> c(r);
   // Repeat while a pass removes most of the vector (DGKS); two passes almost always.
   double before = norm(x, n_), after = before;
@@ -550,8 +563,8 @@ PowerIteration power_iteration(const LinearOperator& op, std::size_t steps, std:
   const std::size_t n = op.size(), products_before = op.products();
   Generator gen(seed);
   Tensor v = Tensor::empty({n});
-  detail::fill_rademacher(gen, v.mutable_data(), n);
-  cblas_dscal(int(n), 1.0 / std::sqrt(double(n)), v.mutable_data(), 1);
+  detail::fill_uniform(gen, v.mutable_data(), n);
+  cblas_dscal(int(n), 1.0 / detail::norm(v.data(), n), v.mutable_data(), 1);
 
   // v_{i+1} = A v_i / ‖A v_i‖; the last product also gives the Rayleigh
   // quotient vᵀ A v and the residual of the returned vector.
@@ -562,11 +575,12 @@ PowerIteration power_iteration(const LinearOperator& op, std::size_t steps, std:
     if (detail::held_alone(av)) {  // scaled in place, on BLAS's threads
       cblas_dscal(int(n), 1.0 / size, av.mutable_data(), 1);
       v = std::move(av);
-    } else {  // av / ‖av‖ in one pass (a clone, then a scale, would be two)
+    } else {  // av / ‖av‖ in one pass (a clone, then a scale, would be two), rounded as dscal does
       v = Tensor::empty({n});
       const double* a = av.data();
       double* x = v.mutable_data();
-      for (std::size_t e = 0; e < n; ++e) x[e] = a[e] / size;
+      const double scale = 1.0 / size;
+      for (std::size_t e = 0; e < n; ++e) x[e] = a[e] * scale;
     }
     av = op(v);
   }

@@ -25,6 +25,11 @@ double norm(const double* x, std::size_t n);
 
 /// `count` Rademacher signs ±1, 64 per draw of the generator.
 void fill_rademacher(Generator& gen, double* out, std::size_t count);
+/// `count` values uniform in [-1, 1), from one draw of the generator. Start
+/// vectors of eigensolvers use them: random signs are orthogonal to vectors
+/// such as e₁ - e₂ with probability 1/2, and Lanczos would then miss their
+/// eigenvalues (or a repeated eigenvalue's copies on restart), without a sign.
+void fill_uniform(Generator& gen, double* out, std::size_t count);
 
 /// An orthonormal Krylov basis V (one vector per row) of a symmetric operator A
 /// and the projection T = V A Vᵀ, grown one block at a time:

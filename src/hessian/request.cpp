@@ -399,26 +399,30 @@ Outputs loss_outputs(const char* api, nn::Module& model, const Criterion& criter
   };
 }
 
+void check_sample_output(const char* api, const Tensor& y, std::size_t b, const Shape& first) {
+  if (b == 0 && (y.ndim() == 0 || y.shape()[0] != 1))
+    throw ShapeError(message(api, "with is_batch the model's output needs a leading batch dimension; one sample gave shape ",
+                             to_string(y.shape())));
+  if (b > 0 && y.shape() != first)
+    throw ShapeError(message(api, "with is_batch every sample's output needs the same shape: sample 0 gave ",
+                             to_string(first), ", sample ", b, " gave ", to_string(y.shape())));
+}
+
 Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o) {
   return [=, &model, &inputs](const StartFn& start, const OutputFn& each) {
     SeedReuse reuse;  // every sample's (and entry group's) passes take seed batches of the same shapes
     const std::size_t batches = o.is_batch ? batch_size(api, inputs) : 1;
-    std::size_t per_sample = 0;
+    Shape first;
     for (std::size_t b = 0; b < batches; ++b) {
       const Tensor y = o.is_batch ? run_sample(api, model, inputs, b) : model(inputs);
+      if (o.is_batch) check_sample_output(api, y, b, first);
       if (b == 0) {
-        Shape lead = y.shape();
-        if (o.is_batch) {
-          if (y.ndim() == 0 || y.shape()[0] != 1)
-            throw ShapeError(message(api, "with is_batch the model's output needs a leading batch dimension; "
-                                          "one sample gave shape ",
-                                     to_string(y.shape())));
-          lead[0] = batches;
-        }
-        per_sample = y.numel();
+        first = y.shape();
+        Shape lead = first;
+        if (o.is_batch) lead[0] = batches;
         start(lead);
       }
-      if (!each(y, b * per_sample)) return;
+      if (!each(y, b * y.numel())) return;
     }
   };
 }

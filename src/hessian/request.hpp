@@ -158,6 +158,8 @@ std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const
 std::vector<Tensor> sample(const std::vector<Tensor>& inputs, std::size_t b);
 /// The model on sample b alone; a shape error says which sample it came from.
 Tensor run_sample(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, std::size_t b);
+/// Sample b's output under is_batch: a leading batch dimension of 1, and (b > 0) the shape `first` of sample 0's.
+void check_sample_output(const char* api, const Tensor& y, std::size_t b, const Shape& first);
 /// criterion(output, target), checked to be a scalar.
 Tensor scalar_loss(const char* api, const Criterion& criterion, const Tensor& output, const Tensor& target);
 

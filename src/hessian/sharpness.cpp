@@ -106,7 +106,9 @@ Tensor model_sharpness(nn::Module& model, const std::vector<Tensor>& inputs, con
   {
     NoGradGuard shape_only;
     nn::EvalModeGuard eval(model);
-    out_shape = (o.is_batch ? run_sample(api, model, inputs, 0) : model(inputs)).shape();
+    const Tensor y = o.is_batch ? run_sample(api, model, inputs, 0) : model(inputs);
+    if (o.is_batch) check_sample_output(api, y, 0, y.shape());
+    out_shape = y.shape();
   }
   const std::size_t per_sample = numel_of(out_shape);
   if (!too_big(sel, batches * per_sample, o)) return symmetric_sharpness(model_hessian_matrix(model, inputs, o));
