@@ -220,4 +220,31 @@ BOOST_AUTO_TEST_CASE(undefined_input_or_output) {
   HESSE_CHECK_THROWS(gradcheck([](const std::vector<Tensor>&) { return Tensor(); }, {x}), ValueError, "undefined");
 }
 
+BOOST_AUTO_TEST_CASE(output_shape_that_depends_on_the_values) {
+  // the first call gives 1 entry, later ones 3 (or 3, then 1): entries were read past the end, or skipped
+  for (const bool grows : {true, false}) {
+    int calls = 0;
+    const TensorFunction f = [&](const std::vector<Tensor>& v) {
+      return (calls++ == 0) == grows ? sum(v[0]) : v[0] * 2.0;
+    };
+    HESSE_CHECK_THROWS(gradcheck(f, {zeros({3}, true)}), ValueError, "must not depend on the input values");
+  }
+}
+
+BOOST_AUTO_TEST_CASE(options_out_of_range) {
+  const Tensor x = Tensor{1.0, 2.0}.requires_grad_();
+  const auto identity = unary([](const Tensor& v) { return v; });
+  for (const double bad : {0.0, -1e-6, double(NAN), double(INFINITY)}) {
+    CheckOptions step, absolute, relative;
+    step.eps = bad;
+    HESSE_CHECK_THROWS(gradcheck(identity, {x}, step), ValueError, "eps must be positive");
+    HESSE_CHECK_THROWS(gradgradcheck(identity, {x}, step), ValueError, "eps must be positive");
+    if (bad == 0.0) continue;  // zero tolerances are allowed
+    absolute.atol = bad;
+    relative.rtol = bad;
+    HESSE_CHECK_THROWS(gradcheck(identity, {x}, absolute), ValueError, "atol");
+    HESSE_CHECK_THROWS(gradcheck(identity, {x}, relative), ValueError, "rtol");
+  }
+}
+
 BOOST_AUTO_TEST_SUITE_END()

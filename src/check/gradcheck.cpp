@@ -12,15 +12,26 @@ namespace {
 // J[i][j] = d out_j / d (flattened input i), for the inputs that require grad.
 using Jacobian = std::vector<std::vector<double>>;
 
-Tensor evaluate(const TensorFunction& f, const std::vector<Tensor>& inputs) {
+// The Jacobians are compared entry by entry: every call of f must give the
+// shape of the first (`shape`, when given).
+void check_output(const Tensor& out, const Shape* shape) {
+  if (!out.defined()) throw ValueError("hesse::gradcheck: the function returned an undefined tensor");
+  if (shape && out.shape() != *shape)
+    throw ValueError(detail::message("gradcheck", "the function returned shape ", to_string(out.shape()),
+                                     " where its first call gave ", to_string(*shape),
+                                     ": its output's shape must not depend on the input values"));
+}
+
+Tensor evaluate(const TensorFunction& f, const std::vector<Tensor>& inputs, const Shape* shape = nullptr) {
   NoGradGuard guard;
   Tensor out = f(inputs);
-  if (!out.defined()) throw ValueError("hesse::gradcheck: the function returned an undefined tensor");
+  check_output(out, shape);
   return out;
 }
 
 std::vector<Jacobian> numeric_jacobians(const TensorFunction& f, const std::vector<Tensor>& inputs, double eps,
-                                        std::size_t n_out) {
+                                        const Shape& out_shape) {
+  const std::size_t n_out = numel_of(out_shape);
   std::vector<Jacobian> jac(inputs.size());
   std::vector<Tensor> moved;
   for (const Tensor& t : inputs) moved.push_back(t.clone());
@@ -33,9 +44,9 @@ std::vector<Jacobian> numeric_jacobians(const TensorFunction& f, const std::vect
       // clone: f may return a view of its input (reshape shares storage), and
       // the next perturbation would change it under our feet
       x[j] = orig + eps;
-      const Tensor plus = evaluate(f, moved).clone();
+      const Tensor plus = evaluate(f, moved, &out_shape).clone();
       x[j] = orig - eps;
-      const Tensor minus = evaluate(f, moved).clone();
+      const Tensor minus = evaluate(f, moved, &out_shape).clone();
       x[j] = orig;
       for (std::size_t k = 0; k < n_out; ++k) jac[i][j][k] = (plus.data()[k] - minus.data()[k]) / (2 * eps);
     }
@@ -43,7 +54,8 @@ std::vector<Jacobian> numeric_jacobians(const TensorFunction& f, const std::vect
   return jac;
 }
 
-std::vector<Jacobian> analytic_jacobians(const TensorFunction& f, const std::vector<Tensor>& inputs) {
+std::vector<Jacobian> analytic_jacobians(const TensorFunction& f, const std::vector<Tensor>& inputs,
+                                         const Shape& out_shape) {
   std::vector<Tensor> leaves;
   std::vector<std::size_t> which;
   for (std::size_t i = 0; i < inputs.size(); ++i) {
@@ -58,6 +70,7 @@ std::vector<Jacobian> analytic_jacobians(const TensorFunction& f, const std::vec
   for (std::size_t i : which) wrt.push_back(leaves[i]);
   EnableGradGuard on;  // gradcheck may be called under a NoGradGuard
   const Tensor out = f(leaves);
+  check_output(out, &out_shape);
   std::vector<Jacobian> jac(inputs.size());
   for (std::size_t i : which) jac[i].assign(inputs[i].numel(), std::vector<double>(out.numel(), 0.0));
   if (!out.requires_grad() || wrt.empty()) return jac;  // a constant: the Jacobian is zero
@@ -95,7 +108,11 @@ bool compare(const char* api, const std::vector<Jacobian>& analytic, const std::
 }  // namespace
 
 namespace {
-void require_some_input(const char* api, const std::vector<Tensor>& inputs) {
+void require_some_input(const char* api, const std::vector<Tensor>& inputs, const CheckOptions& options) {
+  if (!(options.eps > 0) || !std::isfinite(options.eps) || !(options.atol >= 0) || !std::isfinite(options.atol) ||
+      !(options.rtol >= 0) || !std::isfinite(options.rtol))
+    throw ValueError(detail::message(api, "eps must be positive and atol, rtol non-negative, all finite; got eps ",
+                                     options.eps, ", atol ", options.atol, ", rtol ", options.rtol));
   for (std::size_t i = 0; i < inputs.size(); ++i)
     if (!inputs[i].defined())
       throw ValueError(detail::message(api, "input ", i, " is an undefined tensor"));
@@ -107,14 +124,14 @@ void require_some_input(const char* api, const std::vector<Tensor>& inputs) {
 }  // namespace
 
 bool gradcheck(const TensorFunction& f, const std::vector<Tensor>& inputs, const CheckOptions& options) {
-  require_some_input("gradcheck", inputs);
-  const std::size_t n_out = evaluate(f, inputs).numel();
-  return compare("gradcheck", analytic_jacobians(f, inputs), numeric_jacobians(f, inputs, options.eps, n_out),
-                 options);
+  require_some_input("gradcheck", inputs, options);
+  const Shape out_shape = evaluate(f, inputs).shape();
+  return compare("gradcheck", analytic_jacobians(f, inputs, out_shape),
+                 numeric_jacobians(f, inputs, options.eps, out_shape), options);
 }
 
 bool gradgradcheck(const TensorFunction& f, const std::vector<Tensor>& inputs, const CheckOptions& options) {
-  require_some_input("gradgradcheck", inputs);
+  require_some_input("gradgradcheck", inputs, options);
   const Tensor out = evaluate(f, inputs);
   Generator gen(options.seed);
   Tensor v = randn(out.shape(), gen).requires_grad_(true);
