@@ -1071,6 +1071,11 @@ BOOST_AUTO_TEST_CASE(sharpness_equals_max_abs_eigenvalue) {
   const Tensor per_matrix = symmetric_sharpness(batch);
   BOOST_CHECK_EQUAL(per_matrix.data()[0], 2.0);
   BOOST_CHECK(std::isnan(per_matrix.data()[1]) && std::isnan(per_matrix.data()[2]));
+  // no eigenvalues: 0; and one triangle of a matrix that is not symmetric would answer for another
+  HESSE_CHECK_CLOSE(symmetric_sharpness(zeros({3, 0, 0})), zeros({3}), 0.0);
+  HESSE_CHECK_THROWS(symmetric_sharpness(Tensor{{0.0, 10.0}, {0.0, 0.0}}), ValueError,
+                     "matrix 0 is not symmetric: entries (0, 1) and (1, 0) differ by 10");
+  BOOST_CHECK_EQUAL(symmetric_sharpness(Tensor{{1.0, 1e-12}, {0.0, 1.0}}).item(), 1.0);  // round-off passes
 }
 
 BOOST_AUTO_TEST_SUITE_END()

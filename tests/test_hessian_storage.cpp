@@ -250,6 +250,10 @@ BOOST_AUTO_TEST_CASE(packed_errors) {
   BOOST_CHECK_EQUAL(p.values().size(), 12u);
   HESSE_CHECK_THROWS(p.at(3, 0), IndexError, "PackedHessian::at: index (3, 0, entry 0) out of range for 2 matrices");
   HESSE_CHECK_THROWS(p.at(0, 0, 2), IndexError, "entry 2");
+  // sizes whose product wraps: refused, not an empty store that at() writes past
+  HESSE_CHECK_THROWS(PackedHessian(4, std::size_t(1) << 63), ValueError, "overflows");
+  HESSE_CHECK_THROWS(PackedHessian(std::size_t(1) << 32, std::size_t(1) << 32), ValueError, "overflows");
+  HESSE_CHECK_THROWS(PackedHessian(SIZE_MAX, 1), ValueError, "overflows");
   HessianOptions small;
   small.max_bytes = 26 * 27 / 2 * 8 - 1;
   HESSE_CHECK_THROWS(loss_hessian_packed(*mlp, nn::MSELoss(), {x}, t, small), MemoryLimitError,

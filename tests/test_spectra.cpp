@@ -689,6 +689,16 @@ BOOST_AUTO_TEST_CASE(block_size_zero_chooses_the_block) {
                     0.0);
 }
 
+BOOST_AUTO_TEST_CASE(a_block_larger_than_the_probes_is_the_probes) {
+  // a huge block_size once sized a buffer by block_size × rank (wrapping to 0)
+  const LinearOperator op = matrix_operator(with_spectrum(linspace(0, 1, 10)));
+  const std::size_t huge = std::size_t(1) << 62;
+  BOOST_CHECK_EQUAL(hutchpp_trace(op, estimator(12, 0, huge)).value, hutchpp_trace(op, estimator(12, 0, 12)).value);
+  BOOST_CHECK_EQUAL(hutchinson_trace(op, estimator(7, 0, huge)).value, hutchinson_trace(op, estimator(7, 0, 7)).value);
+  HESSE_CHECK_CLOSE(hutchinson_diagonal(op, estimator(5, 0, huge)).value, hutchinson_diagonal(op, estimator(5, 0, 5)).value,
+                    0.0);
+}
+
 BOOST_AUTO_TEST_CASE(density_options_are_checked) {
   const LinearOperator op = matrix_operator(with_spectrum(linspace(0, 1, 6)));
   DensityOptions o = density_options(0, 10);

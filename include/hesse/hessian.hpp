@@ -110,7 +110,8 @@ Tensor loss_hessian_diagonal(nn::Module& model, const Criterion& criterion, cons
                              const Tensor& target, const HessianOptions& options = {});
 
 /// The largest |eigenvalue| of a symmetric matrix [n, n] (or of each matrix in [..., n, n]);
-/// NaN for a matrix with a NaN or infinite entry (a loss that is not finite there).
+/// NaN for a matrix with a NaN or infinite entry (a loss that is not finite there), 0 when
+/// n = 0. A matrix that is not symmetric (beyond 1e-8 of its largest entry) is an error.
 Tensor symmetric_sharpness(const Tensor& matrices);
 
 }  // namespace hesse

@@ -38,6 +38,7 @@ EstimatorOptions checked(const char* fn, const LinearOperator& op, EstimatorOpti
   if (o.probes < min_probes)
     throw ValueError(detail::message(fn, "needs probes >= ", min_probes, ", got probes = ", o.probes));
   if (o.block_size == 0) o.block_size = std::clamp<std::size_t>((std::size_t(1) << 18) / op.size(), 1, 16);
+  o.block_size = std::min(o.block_size, o.probes);  // no block holds more: buffers are sized by it
   return o;
 }
 

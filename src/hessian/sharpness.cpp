@@ -59,12 +59,31 @@ NoticeHandler set_notice_handler(NoticeHandler handler) {
   return handler;
 }
 
+namespace {
+
+// LAPACK reads one triangle: a matrix that is not symmetric would get the
+// answer of another. Round-off asymmetry (1e-8 of the largest entry) passes.
+void check_symmetric(const double* a, std::size_t n, std::size_t index) {
+  double largest = 0, worst = 0;
+  std::size_t wi = 0, wj = 0;
+  for (std::size_t i = 0; i < n * n; ++i) largest = std::max(largest, std::abs(a[i]));
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::size_t j = i + 1; j < n; ++j)
+      if (std::abs(a[i * n + j] - a[j * n + i]) > worst) worst = std::abs(a[i * n + j] - a[j * n + i]), wi = i, wj = j;
+  if (worst > 1e-8 * largest)
+    throw ValueError(message("symmetric_sharpness", "matrix ", index, " is not symmetric: entries (", wi, ", ", wj,
+                             ") and (", wj, ", ", wi, ") differ by ", worst, " (its largest entry is ", largest, ")"));
+}
+
+}  // namespace
+
 Tensor symmetric_sharpness(const Tensor& matrices) {
   if (matrices.ndim() < 2 || matrices.shape()[matrices.ndim() - 1] != matrices.shape()[matrices.ndim() - 2])
     throw ShapeError(message("symmetric_sharpness", "needs square matrices [..., n, n], got ",
                                      to_string(matrices.shape())));
   const int n = int(matrices.shape().back());
   const Shape lead(matrices.shape().begin(), matrices.shape().end() - 2);
+  if (n == 0) return zeros(lead);  // no eigenvalues (a parameter with no entries)
   Tensor out = Tensor::empty(lead);
   std::vector<double> a(std::size_t(n) * std::size_t(n)), w(std::max<std::size_t>(std::size_t(n), 1)), z(1);
   std::vector<int> isuppz(2 * std::size_t(std::max(n, 1)));
@@ -74,6 +93,7 @@ Tensor symmetric_sharpness(const Tensor& matrices) {
       out.mutable_data()[e] = std::numeric_limits<double>::quiet_NaN();  // LAPACK would fail on it
       continue;
     }
+    check_symmetric(m, std::size_t(n), e);
     double extreme = 0.0;
     for (int which : {1, n}) {  // the smallest and the largest eigenvalue
       std::memcpy(a.data(), m, a.size() * sizeof(double));

@@ -11,7 +11,7 @@ namespace hesse {
 using namespace detail;
 
 std::size_t detail::packed_bytes(std::size_t n, std::size_t count) {
-  return saturating_mul(saturating_mul(saturating_mul(n, n + 1) / 2, count), sizeof(double));
+  return saturating_mul(saturating_mul(saturating_mul(n, saturating_add(n, 1)) / 2, count), sizeof(double));
 }
 
 std::size_t detail::block_bytes(const Selection& sel, const std::vector<bool>& blocks, std::size_t count) {
@@ -105,8 +105,17 @@ BlockSparseHessian block_sparse(const char* api, const Selection& sel, const Hes
 
 // ---- PackedHessian ----
 
+namespace {
+std::size_t packed_values(std::size_t n, std::size_t count) {
+  const std::size_t bytes = packed_bytes(n, count);
+  if (bytes == SIZE_MAX)  // saturated: no multiple of 8 is SIZE_MAX
+    throw ValueError(message("PackedHessian", "the size of ", count, " packed Hessians of n = ", n, " overflows"));
+  return bytes / sizeof(double);
+}
+}  // namespace
+
 PackedHessian::PackedHessian(std::size_t n, std::size_t count)
-    : n_(n), count_(count), values_(n * (n + 1) / 2 * count, 0.0) {}
+    : n_(n), count_(count), values_(packed_values(n, count), 0.0) {}
 
 double PackedHessian::at(std::size_t i, std::size_t j, std::size_t entry) const {
   return values_[packed_index(n_, count_, i, j, entry)];
