@@ -127,6 +127,8 @@ BOOST_AUTO_TEST_CASE(mimo_blocks_a_b_are_structurally_zero) {
   const HessianStructure s = model_hessian_structure(mimo, {mx, my});
   BOOST_CHECK(s.nonzero("A", "A") && s.nonzero("B", "B"));
   BOOST_CHECK(!s.nonzero("A", "B") && !s.nonzero("B", "A"));
+  BOOST_CHECK(s.nonzero(1, 1) && !s.nonzero(0, 1));
+  HESSE_CHECK_THROWS(s.nonzero(2, 0), IndexError, "block (2, 0) is out of range for 2 parameters");
   check_structure_against(s, model_hessian_dict(mimo, {mx, my}), 8);
   // Through a loss, ∂L/∂out is one tensor that depends on A and B, so the tape
   // alone cannot rule (A, B) out; the random probes do, and the block-sparse

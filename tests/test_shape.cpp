@@ -293,7 +293,8 @@ BOOST_AUTO_TEST_CASE(slice_values) {
       {1, -5, -1, 1, {2, 3, 4, 5}},        {1, 0, 7, 2, {0, 2, 4, 6}}, {1, 1, 7, 3, {1, 4}},
       {1, -6, -1, 2, {1, 3, 5}},           {1, -100, 100, 1, {0, 1, 2, 3, 4, 5, 6}},
       {1, 5, 2, 1, {}},                    {1, 3, 4, 5, {3}},          {0, -1, 3, 1, {2}},
-      {-1, 1, 2, 1, {1}},                  {-3, 0, 3, 2, {0, 2}},      {1, 7, 9, 1, {}}};
+      {-1, 1, 2, 1, {1}},                  {-3, 0, 3, 2, {0, 2}},      {1, 7, 9, 1, {}},
+      {1, 2, 7, INT64_MAX, {2}},           {1, -100, 100, INT64_MAX - 1, {0}}};  // (stop - start + step) overflowed
   for (const Case& c : cases) {
     BOOST_TEST_CONTEXT("slice axis " << c.axis << " " << c.start << ":" << c.stop << ":" << c.step) {
       const std::size_t ax = std::size_t(c.axis < 0 ? c.axis + 3 : c.axis);

@@ -358,6 +358,12 @@ BOOST_AUTO_TEST_CASE(shows_values) {
   BOOST_TEST(contains(printed(Tensor(0.125)), "0.125"));
 }
 
+BOOST_AUTO_TEST_CASE(empty_tensors_print_their_shape_at_once) {
+  // measuring column widths once walked all 2^40 leading indices of this one
+  BOOST_TEST(printed(zeros({std::size_t(1) << 40, 0})) == "tensor([], shape=[1099511627776, 0])");
+  BOOST_TEST(printed(zeros({0})) == "tensor([], shape=[0])");
+}
+
 BOOST_AUTO_TEST_CASE(shows_autograd_state) {
   Tensor x = Tensor{1.0, 2.0}.requires_grad_();
   const std::string sx = printed(x);

@@ -288,7 +288,7 @@ struct HessianStructure {
   std::vector<std::string> names;
   std::vector<bool> nonzero_blocks;  ///< P × P, row-major
   bool nonzero(const std::string& p, const std::string& q) const;
-  bool nonzero(std::size_t p, std::size_t q) const { return nonzero_blocks[p * names.size() + q]; }
+  bool nonzero(std::size_t p, std::size_t q) const;
   /// A small table of the pattern.
   std::string str() const;
 };

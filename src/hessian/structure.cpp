@@ -132,6 +132,14 @@ HessianStructure structure(const Selection& sel, const Outputs& outputs) {
 
 }  // namespace
 
+bool HessianStructure::nonzero(std::size_t p, std::size_t q) const {
+  const std::size_t P = names.size();
+  if (p >= P || q >= P || nonzero_blocks.size() != P * P)
+    throw IndexError(message("HessianStructure::nonzero", "block (", p, ", ", q, ") is out of range for ", P,
+                             " parameters (", nonzero_blocks.size(), " flags)"));
+  return nonzero_blocks[p * P + q];
+}
+
 bool HessianStructure::nonzero(const std::string& p, const std::string& q) const {
   return nonzero(index_of("HessianStructure::nonzero", names, p), index_of("HessianStructure::nonzero", names, q));
 }

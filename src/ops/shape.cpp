@@ -377,7 +377,7 @@ Tensor slice(const Tensor& x, int axis, std::int64_t start, std::int64_t stop, s
   const auto n = static_cast<std::int64_t>(x.shape()[ax]);
   auto clamp = [n](std::int64_t i) { return std::clamp(i < 0 ? i + n : i, std::int64_t(0), n); };
   const std::int64_t b = clamp(start), e = clamp(stop);
-  const std::size_t count = e > b ? std::size_t((e - b + step - 1) / step) : 0;
+  const std::size_t count = e > b ? std::size_t((e - b - 1) / step + 1) : 0;  // (e - b + step - 1) could overflow
   return select_positions("slice", x, axis_from_end_of(ax, x.ndim()),
                           Positions{std::size_t(b), std::size_t(step), count, nullptr});
 }

@@ -274,11 +274,14 @@ struct Printer {
 
 std::ostream& operator<<(std::ostream& os, const Tensor& t) {
   if (!t.defined()) return os << "tensor(undefined)";
-  Printer p{t, t.numel() > 1000};
-  p.measure(0, 0);
   os << "tensor(";
-  if (t.numel() == 0) os << "[], shape=" << to_string(t.shape());
-  else p.print(os, 0, 0, 7);
+  if (t.numel() == 0) {
+    os << "[], shape=" << to_string(t.shape());  // (measuring would walk every leading index of [2^30, 0])
+  } else {
+    Printer p{t, t.numel() > 1000};
+    p.measure(0, 0);
+    p.print(os, 0, 0, 7);
+  }
   if (t.grad_fn()) os << ", grad_fn=" << t.grad_fn()->name;
   else if (t.requires_grad()) os << ", requires_grad";
   return os << ")";
