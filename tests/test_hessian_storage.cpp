@@ -356,6 +356,16 @@ BOOST_AUTO_TEST_CASE(block_sparse_errors) {
   BOOST_CHECK_EQUAL(model_hessian_block_sparse(scalar, {x}, not_batched()).blocks.size(), 1u);
   const BlockSparseHessian s = model_hessian_block_sparse(mimo, {mx, my});
   HESSE_CHECK_THROWS(s.block("A", "nope"), ValueError, "BlockSparseHessian::block: unknown parameter 'nope'");
+  // its fields are public: dense() checks them before writing
+  BlockSparseHessian bad = s;
+  bad.shapes.pop_back();
+  HESSE_CHECK_THROWS(bad.dense(), ValueError, "BlockSparseHessian::dense: 2 names but 1 parameter shapes");
+  bad = s;
+  bad.blocks[{0, 3}] = zeros({2, 2, 4, 4});
+  HESSE_CHECK_THROWS(bad.dense(), ShapeError, "block (0, 3) of shape [2, 2, 4, 4] does not fit 2 parameters");
+  bad = s;
+  bad.blocks[{0, 1}] = zeros({2, 4, 2, 2});
+  HESSE_CHECK_THROWS(bad.dense(), ShapeError, "block (0, 1) of shape [2, 4, 2, 2]");
   HessianOptions small;
   small.max_bytes = 2 * 8 * 16 * 8 - 1;  // one byte short of the two stored blocks
   HESSE_CHECK_THROWS(model_hessian_block_sparse(mimo, {mx, my}, small), MemoryLimitError,

@@ -262,6 +262,12 @@ BOOST_AUTO_TEST_CASE(registration_rejects_duplicates_and_bad_names) {
   HESSE_CHECK_THROWS(m.register_parameter("", zeros(S({1}))), ValueError, "name");
   HESSE_CHECK_THROWS(m.register_parameter("u", Tensor()), ValueError, "'u'");
   HESSE_CHECK_THROWS(m.register_module("null", std::shared_ptr<Module>()), ValueError, "'null'");
+  // a module inside itself: every walk over the modules would recurse forever
+  auto outer = std::make_shared<Sequential>(), inner = std::make_shared<Sequential>();
+  outer->add(inner);
+  HESSE_CHECK_THROWS(outer->add(outer), ValueError, "is this module or contains it");
+  HESSE_CHECK_THROWS(inner->add(outer), ValueError, "is this module or contains it");
+  BOOST_CHECK(outer->named_parameters().empty());
   // the failed registrations left nothing behind
   BOOST_CHECK(names_of(m.named_parameters()) == std::vector<std::string>{"w"});
   BOOST_CHECK_EQUAL(m.children().size(), 1u);

@@ -153,11 +153,20 @@ Tensor BlockSparseHessian::block(const std::string& p_name, const std::string& q
 }
 
 Tensor BlockSparseHessian::dense() const {
+  const char* api = "BlockSparseHessian::dense";
+  if (names.size() != shapes.size())
+    throw ValueError(message(api, names.size(), " names but ", shapes.size(), " parameter shapes"));
   std::vector<std::size_t> offsets, sizes;
   std::size_t n = 0;
   for (const Shape& s : shapes) offsets.push_back(n), sizes.push_back(numel_of(s)), n += numel_of(s);
-  Tensor out = zeros(concat_shape(lead, {n, n}));
   const std::size_t count = numel_of(lead);
+  for (const auto& [pq, b] : blocks)  // the fields are public: check them before writing
+    if (pq.first >= shapes.size() || pq.second >= shapes.size() || !b.defined() ||
+        b.numel() != count * sizes[pq.first] * sizes[pq.second])
+      throw ShapeError(message(api, "block (", pq.first, ", ", pq.second, ") of shape ",
+                               b.defined() ? to_string(b.shape()) : "undefined", " does not fit ", shapes.size(),
+                               " parameters with lead ", to_string(lead)));
+  Tensor out = zeros(concat_shape(lead, {n, n}));
   for (const auto& [pq, b] : blocks) {
     const auto [p, q] = pq;
     const double* v = b.data();

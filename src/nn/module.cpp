@@ -30,9 +30,20 @@ Tensor Module::register_parameter(const std::string& name, Tensor value, bool re
   return value;
 }
 
+namespace {
+bool reaches(const Module& from, const Module* target) {
+  if (&from == target) return true;
+  for (const auto& child : from.children())
+    if (reaches(*child.second, target)) return true;
+  return false;
+}
+}  // namespace
+
 void Module::add_child(const std::string& name, std::shared_ptr<Module> module) {
   check_new_name(name);
   if (!module) throw ValueError("hesse::Module: submodule '" + name + "' is null");
+  if (reaches(*module, this))  // every walk over the modules would recurse forever
+    throw ValueError("hesse::Module: submodule '" + name + "' is this module or contains it");
   children_.emplace_back(name, std::move(module));
 }
 
