@@ -1156,6 +1156,31 @@ BOOST_AUTO_TEST_CASE(inputs_of_the_wrong_shape) {
   HESSE_CHECK_THROWS(model_hessian_matrix(lin, {Tensor(1.0)}), ShapeError, "batch");
 }
 
+BOOST_AUTO_TEST_CASE(undefined_inputs_are_named) {
+  Generator gen(79);
+  nn::Linear lin(3, 2, true, gen);
+  const Tensor t = randn({4, 2}, gen);
+  HessianOptions whole;
+  whole.is_batch = false;
+  HESSE_CHECK_THROWS(loss_hessian_matrix(lin, nn::MSELoss(), {Tensor()}, t), ValueError,
+                     "loss_hessian_matrix: input 0 is an undefined tensor");
+  HESSE_CHECK_THROWS(hessian_vector_product(lin, nn::MSELoss(), {Tensor()}, t, zeros({8})), ValueError,
+                     "hessian_vector_product: input 0 is an undefined tensor");
+  HESSE_CHECK_THROWS(model_hessian_matrix(lin, {Tensor()}, whole), ValueError,
+                     "model_hessian_matrix: input 0 is an undefined tensor");
+  HESSE_CHECK_THROWS(loss_hessian_operator(lin, nn::MSELoss(), {Tensor()}, t)(zeros({8})), ValueError,
+                     "input 0 is an undefined tensor");
+  // a criterion that ignores its target may be given none, per sample too
+  const Criterion squares = [](const Tensor& out, const Tensor&) { return sum(out * out); };
+  const Tensor x = randn({4, 3}, gen);
+  const Tensor per_sample = batch_loss_hessian_matrix(lin, squares, {x}, Tensor());
+  const Tensor sharp = batch_loss_sharpness(lin, squares, {x}, Tensor());
+  for (std::size_t b = 0; b < 4; ++b) {
+    CHECK_REL(hessian_at(per_sample, b), loss_hessian_matrix(lin, squares, sample_of({x}, b), Tensor()), 1e-12);
+    BOOST_CHECK_CLOSE(sharp.data()[b], max_abs_eig(hessian_at(per_sample, b)), 1e-8);
+  }
+}
+
 BOOST_AUTO_TEST_CASE(model_output_without_a_batch_dimension) {
   Generator gen(78);
   SumsTheBatch m(gen);

@@ -117,7 +117,7 @@ Tensor per_sample_output_grads(const char* api, const Criterion& criterion, cons
   for (std::size_t n = 0; n < B; ++n) {
     Tensor zn = slice(z, 0, std::int64_t(n), std::int64_t(n) + 1).detach();
     zn.requires_grad_(true);
-    const Tensor tn = target.defined() ? slice(target, 0, std::int64_t(n), std::int64_t(n) + 1) : target;
+    const Tensor tn = sample_target(target, n);
     const std::string context =
         message(api, "the criterion cannot be evaluated on sample ", n, " alone (output ", to_string(zn.shape()),
                 ", target ", tn.defined() ? to_string(tn.shape()) : "undefined", "): ");
@@ -170,7 +170,7 @@ struct CurvatureOperator {
   Graph record(const Batch& batch) const {
     EnableGradGuard recording;  // products run under NoGradGuard; graphs must be recorded
     Graph gr;
-    const Tensor z = (*model)(batch.inputs);
+    const Tensor z = run_model(api, *model, batch.inputs);
     if (kind == Kind::hessian) {
       Tensor s;
       if (criterion) {
@@ -378,7 +378,7 @@ Tensor third_order_directional(nn::Module& model, const Criterion& criterion, co
   const Tensor V = reshape(v.detach(), Shape{1, sel.n});
   RequestScope scope(model, sel);
   EnableGradGuard recording;
-  const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
+  const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
   ColumnSum out(sel, 1);
   if (!loss.requires_grad()) return reshape(out.result(), Shape{sel.n});
   const std::vector<Tensor> g = recorded_grad(loss, sel.params);

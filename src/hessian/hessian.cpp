@@ -140,7 +140,7 @@ HessianDict loss_hessian_dict(nn::Module& model, const Criterion& criterion, con
   const char* api = "loss_hessian_dict";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
+  const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
   check_memory(api, sel, 1, o);
   HessianDict d = empty_dict(sel, {}, o.diagonal_only);
   hessian_rows(loss, 0, 1, sel, o, dict_sink(d, 0, sel));
@@ -153,7 +153,7 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
   const char* api = "loss_hessian_matrix";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
+  const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
   check_memory(api, sel, 1, o);
   Tensor h = zeros({sel.n, sel.n});
   hessian_rows(loss, 0, 1, sel, o, matrix_sink(h, 0, sel));
@@ -171,7 +171,7 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
   Tensor h = zeros({batches, sel.n, sel.n});
   SeedReuse reuse;  // every sample's passes take seed batches of the same shapes
   for (std::size_t b = 0; b < batches; ++b) {
-    const Tensor t = slice(target, 0, std::int64_t(b), std::int64_t(b) + 1);
+    const Tensor t = sample_target(target, b);
     const Tensor loss = scalar_loss(api, criterion, run_sample(api, model, inputs, b), t);
     hessian_rows(loss, 0, 1, sel, o, matrix_sink(h, b, sel));
     if (!o.diagonal_only) mirror_upper_blocks(h.mutable_data() + b * sel.n * sel.n, sel);
@@ -189,7 +189,7 @@ Tensor hessian_vector_product(nn::Module& model, const Criterion& criterion, con
     throw ShapeError(detail::message(api, "v must have shape [", sel.n, "] or [k, ", sel.n, "], got ",
                                      v.defined() ? to_string(v.shape()) : "undefined"));
   RequestScope scope(model, sel);
-  const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
+  const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
   const bool batched = v.ndim() == 2;
   const Tensor vk = batched ? v : unsqueeze(v, 0);
   ColumnSum out(sel, vk.shape()[0]);
@@ -213,7 +213,7 @@ Tensor loss_hessian_diagonal(nn::Module& model, const Criterion& criterion, cons
   o.diagonal_only = true;  // only (P, P) rows are needed
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
+  const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
   Tensor diag = zeros({sel.n});
   hessian_rows(loss, 0, 1, sel, o, [&](std::size_t, std::size_t p, std::size_t row, std::size_t, const double* v) {
     diag.mutable_data()[sel.offsets[p] + row] = v[row];

@@ -361,6 +361,10 @@ std::vector<Tensor> sample(const std::vector<Tensor>& inputs, std::size_t b) {
   return out;
 }
 
+Tensor sample_target(const Tensor& target, std::size_t b) {
+  return target.defined() ? slice(target, 0, std::int64_t(b), std::int64_t(b) + 1) : target;
+}
+
 namespace {
 
 std::string shapes_of(const std::vector<Tensor>& inputs) {
@@ -370,6 +374,12 @@ std::string shapes_of(const std::vector<Tensor>& inputs) {
 }
 
 }  // namespace
+
+Tensor run_model(const char* api, nn::Module& model, const std::vector<Tensor>& inputs) {
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    if (!inputs[i].defined()) throw ValueError(message(api, "input ", i, " is an undefined tensor"));
+  return model(inputs);
+}
 
 Tensor run_sample(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, std::size_t b) {
   try {
@@ -393,7 +403,7 @@ Tensor scalar_loss(const char* api, const Criterion& criterion, const Tensor& ou
 Outputs loss_outputs(const char* api, nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
                      const Tensor& target) {
   return [=, &model, &criterion, &inputs, &target](const StartFn& start, const OutputFn& each) {
-    const Tensor loss = scalar_loss(api, criterion, model(inputs), target);
+    const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
     start({});
     each(loss, 0);
   };
@@ -414,7 +424,7 @@ Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tens
     const std::size_t batches = o.is_batch ? batch_size(api, inputs) : 1;
     Shape first;
     for (std::size_t b = 0; b < batches; ++b) {
-      const Tensor y = o.is_batch ? run_sample(api, model, inputs, b) : model(inputs);
+      const Tensor y = o.is_batch ? run_sample(api, model, inputs, b) : run_model(api, model, inputs);
       if (o.is_batch) check_sample_output(api, y, b, first);
       if (b == 0) {
         first = y.shape();

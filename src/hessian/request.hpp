@@ -154,8 +154,12 @@ class ColumnSum {
 
 /// The batch size shared by every input (and the target, when defined).
 std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target = Tensor());
+/// The model on the inputs, each checked to be defined.
+Tensor run_model(const char* api, nn::Module& model, const std::vector<Tensor>& inputs);
 /// Sample b of every input, as a batch of one.
 std::vector<Tensor> sample(const std::vector<Tensor>& inputs, std::size_t b);
+/// Sample b of the target; an undefined target (a criterion may ignore it) stays undefined.
+Tensor sample_target(const Tensor& target, std::size_t b);
 /// The model on sample b alone; a shape error says which sample it came from.
 Tensor run_sample(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, std::size_t b);
 /// Sample b's output under is_batch: a leading batch dimension of 1, and (b > 0) the shape `first` of sample 0's.

@@ -126,7 +126,7 @@ Tensor model_sharpness(nn::Module& model, const std::vector<Tensor>& inputs, con
   {
     NoGradGuard shape_only;
     nn::EvalModeGuard eval(model);
-    const Tensor y = o.is_batch ? run_sample(api, model, inputs, 0) : model(inputs);
+    const Tensor y = o.is_batch ? run_sample(api, model, inputs, 0) : run_model(api, model, inputs);
     if (o.is_batch) check_sample_output(api, y, 0, y.shape());
     out_shape = y.shape();
   }
@@ -164,7 +164,7 @@ Tensor batch_loss_sharpness(nn::Module& model, const Criterion& criterion, const
   if (!too_big(sel, batches, o)) return symmetric_sharpness(batch_loss_hessian_matrix(model, criterion, inputs, target, o));
   Tensor out = Tensor::empty({batches});
   for (std::size_t b = 0; b < batches; ++b) {
-    const Tensor t = slice(target, 0, std::int64_t(b), std::int64_t(b) + 1);
+    const Tensor t = sample_target(target, b);
     out.mutable_data()[b] = matrix_free_sharpness(
         api, loss_hessian_operator(model, criterion, sample(inputs, b), t, operator_options(o)),
         dense_bytes(sel, batches, o.diagonal_only), o);
