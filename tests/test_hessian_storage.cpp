@@ -433,6 +433,10 @@ BOOST_AUTO_TEST_CASE(a_tiny_budget_does_not_fit) {
   BOOST_CHECK(p.str().find("does not fit") != std::string::npos);
   // what the plan refuses, the request refuses too
   HESSE_CHECK_THROWS(loss_hessian_matrix(*mlp, nn::MSELoss(), {x}, t, p.options()), MemoryLimitError, "bytes");
+  // a budget of 0 would become max_bytes = 0, the default limit
+  HESSE_CHECK_THROWS(plan_loss_hessian(*mlp, nn::MSELoss(), {x}, t, Storage::dense, 0), ValueError,
+                     "plan_loss_hessian: the budget must be positive, got 0 bytes");
+  HESSE_CHECK_THROWS(plan_model_hessian(mimo, {mx, my}, Storage::packed, 0), ValueError, "budget must be positive");
 }
 
 BOOST_AUTO_TEST_CASE(a_tight_budget_gives_small_chunks_and_the_same_hessian) {

@@ -718,6 +718,10 @@ BOOST_AUTO_TEST_CASE(density_options_are_checked) {
   HESSE_CHECK_THROWS(spectral_density(LinearOperator(), density_options(2, 3)), hesse::ValueError,
                      "spectral_density: the operator is undefined");
   BOOST_CHECK_EQUAL(op.products(), 0u);
+  // a finite sigma whose grid, 5σ past the spectrum, is not (known after the products)
+  o = density_options(3, 4);
+  o.sigma = 1e308;
+  HESSE_CHECK_THROWS(spectral_density(op, o), hesse::ValueError, "spectral_density: the grid overflows: sigma 1e+308");
 }
 
 BOOST_AUTO_TEST_SUITE_END()

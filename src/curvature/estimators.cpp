@@ -306,6 +306,9 @@ SpectralDensity spectral_density(const LinearOperator& op, const DensityOptions&
   const double sigma = o.sigma * width, first = lo - 5 * sigma, last = hi + 5 * sigma;
   const double spacing = (last - first) / double(o.grid_points - 1);
   const double norm = 1.0 / (double(o.probes) * sigma * std::sqrt(2 * M_PI));
+  if (!std::isfinite(spacing) || !(norm > 0))  // (nodes are finite: an operator giving NaN fails in Lanczos)
+    throw ValueError(detail::message("spectral_density", "the grid overflows: sigma ", o.sigma, " times the spectral width ",
+                                     width, " reaches past the largest double; use a smaller sigma"));
   out.grid = Tensor::empty({o.grid_points});
   out.density = Tensor::empty({o.grid_points});
   for (std::size_t g = 0; g < o.grid_points; ++g) {

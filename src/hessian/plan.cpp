@@ -48,6 +48,8 @@ std::string request_name(const char* api, const char* kind, hesse::Storage s, bo
 
 HessianPlan plan(const char* api, const char* kind, const Selection& sel, const HessianOptions& options,
                  hesse::Storage storage, std::size_t budget, const Outputs& outputs) {
+  if (budget == 0)  // as max_bytes, 0 would mean the default limit: the plan's options would not hold to it
+    throw ValueError(message(api, "the budget must be positive, got 0 bytes"));
   HessianOptions o = options;
   o.diagonal_only = o.diagonal_only || storage == hesse::Storage::diagonal_only;
   HessianPlan plan;
