@@ -366,6 +366,9 @@ BOOST_AUTO_TEST_CASE(block_sparse_errors) {
   bad = s;
   bad.blocks[{0, 1}] = zeros({2, 4, 2, 2});
   HESSE_CHECK_THROWS(bad.dense(), ShapeError, "block (0, 1) of shape [2, 4, 2, 2]");
+  bad = s;
+  bad.blocks[{0, 0}] = zeros({2, 4, 16});  // the right number of entries in the wrong shape
+  HESSE_CHECK_THROWS(bad.dense(), ShapeError, "block (0, 0) of shape [2, 4, 16]");
   HessianOptions small;
   small.max_bytes = 2 * 8 * 16 * 8 - 1;  // one byte short of the two stored blocks
   HESSE_CHECK_THROWS(model_hessian_block_sparse(mimo, {mx, my}, small), MemoryLimitError,

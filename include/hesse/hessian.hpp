@@ -32,8 +32,9 @@ struct HessianOptions {
   bool diagonal_only = false;
   /// The leading dimension of every input is a batch: each sample is evaluated
   /// on its own and gets its own Hessian (as with vmap in the Python library).
-  /// Model Hessians and model_sharpness only: a loss is one scalar over the
-  /// batch (batch_loss_hessian_matrix gives each sample's).
+  /// Model requests only (model Hessians, their sharpness, bounds, structure,
+  /// plans and storage forms): a loss is one scalar over the batch
+  /// (batch_loss_hessian_matrix gives each sample's).
   bool is_batch = true;
   /// Seeds pushed through one batched backward pass (0 = choose).
   std::size_t chunk_size = 0;
@@ -109,9 +110,10 @@ Tensor hessian_vector_product(nn::Module& model, const Criterion& criterion, con
 Tensor loss_hessian_diagonal(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
                              const Tensor& target, const HessianOptions& options = {});
 
-/// The largest |eigenvalue| of a symmetric matrix [n, n] (or of each matrix in [..., n, n]);
-/// NaN for a matrix with a NaN or infinite entry (a loss that is not finite there), 0 when
-/// n = 0. A matrix that is not symmetric (beyond 1e-8 of its largest entry) is an error.
+/// The largest |eigenvalue| of a symmetric matrix [n, n] (or of each matrix in [..., n, n]),
+/// taken of (A + Aᵀ)/2, so that round-off between the triangles averages out; NaN for a
+/// matrix with a NaN or infinite entry (a loss that is not finite there), 0 when n = 0.
+/// (The matrix-free route of the sharpness functions throws on a non-finite Hessian.)
 Tensor symmetric_sharpness(const Tensor& matrices);
 
 }  // namespace hesse

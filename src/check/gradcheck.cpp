@@ -108,7 +108,7 @@ bool compare(const char* api, const std::vector<Jacobian>& analytic, const std::
 }  // namespace
 
 namespace {
-void require_some_input(const char* api, const std::vector<Tensor>& inputs, const CheckOptions& options) {
+void check_arguments(const char* api, const std::vector<Tensor>& inputs, const CheckOptions& options) {
   if (!(options.eps > 0) || !std::isfinite(options.eps) || !(options.atol >= 0) || !std::isfinite(options.atol) ||
       !(options.rtol >= 0) || !std::isfinite(options.rtol))
     throw ValueError(detail::message(api, "eps must be positive and atol, rtol non-negative, all finite; got eps ",
@@ -124,14 +124,14 @@ void require_some_input(const char* api, const std::vector<Tensor>& inputs, cons
 }  // namespace
 
 bool gradcheck(const TensorFunction& f, const std::vector<Tensor>& inputs, const CheckOptions& options) {
-  require_some_input("gradcheck", inputs, options);
+  check_arguments("gradcheck", inputs, options);
   const Shape out_shape = evaluate(f, inputs).shape();
   return compare("gradcheck", analytic_jacobians(f, inputs, out_shape),
                  numeric_jacobians(f, inputs, options.eps, out_shape), options);
 }
 
 bool gradgradcheck(const TensorFunction& f, const std::vector<Tensor>& inputs, const CheckOptions& options) {
-  require_some_input("gradgradcheck", inputs, options);
+  check_arguments("gradgradcheck", inputs, options);
   const Tensor out = evaluate(f, inputs);
   Generator gen(options.seed);
   Tensor v = randn(out.shape(), gen).requires_grad_(true);

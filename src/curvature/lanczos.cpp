@@ -27,6 +27,9 @@ SymmetricEigen symmetric_eigen(const double* a, std::size_t m, std::size_t lda) 
   if (m == 0) return out;
   std::vector<double> copy(m * m);  // dsyevr overwrites its input; symmetric, so row or column major alike
   for (std::size_t i = 0; i < m; ++i) std::copy(a + i * lda, a + i * lda + m, copy.data() + i * m);
+  if (!std::all_of(copy.begin(), copy.end(), [](double x) { return std::isfinite(x); }))
+    throw ValueError(message("lanczos", "the operator's products are not finite (NaN or inf): its spectrum is "
+                                        "undefined (a loss or model that is not finite at these inputs?)"));
   out.values.resize(m);
   out.vectors.resize(m * m);
   const char jobz = 'V', range = 'A', uplo = 'L';

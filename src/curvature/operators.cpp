@@ -204,8 +204,7 @@ struct CurvatureOperator {
   void add_product(const Graph& gr, const Tensor& V, double w, ColumnSum& out) const {
     if (gr.g.empty()) return;
     for (const auto& group : groups) {
-      std::vector<Tensor> seeds;
-      for (std::size_t p : group) seeds.push_back(part_of(V, sel, p));
+      const std::vector<Tensor> seeds = parts_of(V, sel, group);
       const std::vector<Tensor> outputs = pick(gr.g, group), wrt = pick(sel.params, group);
       if (kind == Kind::hessian) {
         out.add(group, block_grad(outputs, seeds, wrt), w);
@@ -384,8 +383,7 @@ Tensor third_order_directional(nn::Module& model, const Criterion& criterion, co
   const std::vector<Tensor> g = recorded_grad(loss, sel.params);
   Tensor s;  // vᵀ H v (only the (P, P) blocks with block_diagonal)
   for (const auto& group : parameter_groups(sel, o.block_diagonal)) {
-    std::vector<Tensor> seeds;
-    for (std::size_t p : group) seeds.push_back(part_of(V, sel, p));
+    const std::vector<Tensor> seeds = parts_of(V, sel, group);
     const std::vector<Tensor> hv = block_grad(pick(g, group), seeds, pick(sel.params, group), true);
     for (std::size_t j = 0; j < group.size(); ++j)
       if (hv[j].defined()) s = s.defined() ? s + sum(hv[j] * seeds[j]) : sum(hv[j] * seeds[j]);

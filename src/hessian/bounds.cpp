@@ -68,7 +68,8 @@ std::vector<SharpnessBounds> bounds(const char* api, const Selection& sel, const
       double s = 0;
       for (std::size_t i = 0; i < sel.sizes[p] * sel.sizes[p]; ++i) s += d[i] * d[i];
       norms[p * P + p] = std::sqrt(s);
-      b.block_diagonal = std::max(b.block_diagonal, block_sharpness[p].data()[e]);
+      const double sharpness = block_sharpness[p].data()[e];  // NaN for a block that is not finite: keep it
+      b.block_diagonal = std::isnan(sharpness) ? sharpness : std::max(b.block_diagonal, sharpness);
       for (std::size_t q = p + 1; q < P; ++q)
         norms[p * P + q] = norms[q * P + p] = std::sqrt(off_squared[(e * P + p) * P + q]);
     }

@@ -196,11 +196,8 @@ Tensor hessian_vector_product(nn::Module& model, const Criterion& criterion, con
   if (loss.requires_grad()) {  // else the loss does not depend on the selection: H = 0
     const std::vector<Tensor> g = recorded_grad(loss, sel.params);
     // with diagonal_only each parameter's part of v goes through its own gradient alone: the (P, P) blocks
-    for (const auto& group : parameter_groups(sel, o.diagonal_only)) {
-      std::vector<Tensor> seeds;
-      for (std::size_t p : group) seeds.push_back(part_of(vk, sel, p));
-      out.add(group, block_grad(pick(g, group), seeds, pick(sel.params, group)), 1.0);
-    }
+    for (const auto& group : parameter_groups(sel, o.diagonal_only))
+      out.add(group, block_grad(pick(g, group), parts_of(vk, sel, group), pick(sel.params, group)), 1.0);
   }
   const Tensor hv = out.result();
   return batched ? hv : reshape(hv, Shape{sel.n});

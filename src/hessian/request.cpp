@@ -239,6 +239,12 @@ Tensor part_of(const Tensor& V, const Selection& sel, std::size_t p) {
   return reshape(slice(V, 1, begin, end), concat_shape({V.shape()[0]}, sel.params[p].shape()));
 }
 
+std::vector<Tensor> parts_of(const Tensor& V, const Selection& sel, const std::vector<std::size_t>& group) {
+  std::vector<Tensor> parts;
+  for (std::size_t p : group) parts.push_back(part_of(V, sel, p));
+  return parts;
+}
+
 std::vector<Tensor> block_grad(const std::vector<Tensor>& outputs, const std::vector<Tensor>& seeds,
                                const std::vector<Tensor>& inputs, bool create_graph) {
   std::vector<Tensor> live, live_seeds;
@@ -340,9 +346,10 @@ std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const
   std::size_t b = 0;
   for (std::size_t i = 0; i < inputs.size(); ++i) {
     const Tensor& x = inputs[i];
-    if (!x.defined() || x.ndim() == 0)
+    if (!x.defined()) throw ValueError(message(api, "input ", i, " is an undefined tensor"));
+    if (x.ndim() == 0)
       throw ShapeError(message(api, "with is_batch every input needs a leading batch dimension; input ", i,
-                                       " has shape ", x.defined() ? to_string(x.shape()) : "undefined"));
+                                       " has shape ", to_string(x.shape())));
     if (i == 0) b = x.shape()[0];
     else if (x.shape()[0] != b)
       throw ShapeError(message(api, "inputs disagree on the batch size: ", to_string(inputs[0].shape()),

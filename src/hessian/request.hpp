@@ -116,6 +116,8 @@ void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOpt
 // ---- batched gradients over a selection (shared by the HVP and the operators) ----
 /// Columns of parameter p in a block V [k, n], as seeds [k, P.shape].
 Tensor part_of(const Tensor& V, const Selection& sel, std::size_t p);
+/// part_of(V, sel, p) for every p in `group`.
+std::vector<Tensor> parts_of(const Tensor& V, const Selection& sel, const std::vector<std::size_t>& group);
 /// d(Σ_i <seeds_i, outputs_i>)/d(inputs) for seeds with a leading block dimension k,
 /// keeping the graph for the next product. Outputs that are constant are skipped;
 /// an input nothing depends on gets an undefined gradient.

@@ -162,7 +162,7 @@ Tensor BlockSparseHessian::dense() const {
   const std::size_t count = numel_of(lead);
   for (const auto& [pq, b] : blocks)  // the fields are public: check them before writing
     if (pq.first >= shapes.size() || pq.second >= shapes.size() || !b.defined() ||
-        b.numel() != count * sizes[pq.first] * sizes[pq.second])
+        b.shape() != concat_shape(concat_shape(lead, shapes[pq.first]), shapes[pq.second]))
       throw ShapeError(message(api, "block (", pq.first, ", ", pq.second, ") of shape ",
                                b.defined() ? to_string(b.shape()) : "undefined", " does not fit ", shapes.size(),
                                " parameters with lead ", to_string(lead)));

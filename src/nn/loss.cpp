@@ -157,8 +157,9 @@ Tensor index_loss(const char* op, const Tensor& logp, const Tensor& target, cons
     case Reduction::mean:
       if (t.trivial) return mean(loss);
       // Every target ignored: the value is 0 / 0 as in PyTorch, whose
-      // derivatives skip ignored targets (zero, not 0 · ∞). Targets of weight 0
-      // give NaN derivatives, in PyTorch too.
+      // derivatives skip ignored targets (zero, not 0 · ∞). A constant NaN would
+      // leave the tape, and grad() would find no path: 0 · sum keeps it on the
+      // tape with zero derivatives. (Targets of weight 0 give NaN derivatives, in PyTorch too.)
       if (t.counted == 0) return sum(loss) * 0.0 + std::numeric_limits<double>::quiet_NaN();
       return sum(loss) / t.weight_sum;
   }
