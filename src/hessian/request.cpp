@@ -341,12 +341,17 @@ Tensor ColumnSum::result() {
   return out_;
 }
 
+void check_defined(const char* api, const std::vector<Tensor>& inputs) {
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    if (!inputs[i].defined()) throw ValueError(message(api, "input ", i, " is an undefined tensor"));
+}
+
 std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target) {
   if (inputs.empty()) throw ValueError(message(api, "no inputs given"));
+  check_defined(api, inputs);
   std::size_t b = 0;
   for (std::size_t i = 0; i < inputs.size(); ++i) {
     const Tensor& x = inputs[i];
-    if (!x.defined()) throw ValueError(message(api, "input ", i, " is an undefined tensor"));
     if (x.ndim() == 0)
       throw ShapeError(message(api, "with is_batch every input needs a leading batch dimension; input ", i,
                                        " has shape ", to_string(x.shape())));
@@ -383,8 +388,7 @@ std::string shapes_of(const std::vector<Tensor>& inputs) {
 }  // namespace
 
 Tensor run_model(const char* api, nn::Module& model, const std::vector<Tensor>& inputs) {
-  for (std::size_t i = 0; i < inputs.size(); ++i)
-    if (!inputs[i].defined()) throw ValueError(message(api, "input ", i, " is an undefined tensor"));
+  check_defined(api, inputs);
   return model(inputs);
 }
 

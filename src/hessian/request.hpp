@@ -156,6 +156,8 @@ class ColumnSum {
 
 /// The batch size shared by every input (and the target, when defined).
 std::size_t batch_size(const char* api, const std::vector<Tensor>& inputs, const Tensor& target = Tensor());
+/// A ValueError naming `api` and the first undefined input, if any.
+void check_defined(const char* api, const std::vector<Tensor>& inputs);
 /// The model on the inputs, each checked to be defined.
 Tensor run_model(const char* api, nn::Module& model, const std::vector<Tensor>& inputs);
 /// Sample b of every input, as a batch of one.
