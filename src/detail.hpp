@@ -30,7 +30,9 @@ inline Tensor make(const Shape& shape) { return Tensor::empty(shape); }
 // time through an ifunc (GCC with glibc; other builds get the plain loop).
 // The library is built with -ffp-contract=off: both copies round alike. For
 // functions of internal linkage only: the ifunc is not meant to be exported.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
+// Not under ThreadSanitizer, whose runtime is not up yet when ifuncs resolve.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) && \
+    !defined(__SANITIZE_THREAD__)
 #define HESSE_AVX2_CLONE __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define HESSE_AVX2_CLONE

@@ -5,8 +5,15 @@
 
 namespace hesse::detail {
 
+namespace {
+thread_local bool muted = false;
+}  // namespace
+
+MutedProgress::MutedProgress() : previous_(muted) { muted = true; }
+MutedProgress::~MutedProgress() { muted = previous_; }
+
 Progress::Progress(std::string label, std::size_t total, bool enabled)
-    : label_(std::move(label)), total_(total), active_(enabled && isatty(STDERR_FILENO) == 1),
+    : label_(std::move(label)), total_(total), active_(enabled && !muted && isatty(STDERR_FILENO) == 1),
       start_(std::chrono::steady_clock::now()), last_(start_) {}
 
 Progress::~Progress() {

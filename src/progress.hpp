@@ -26,4 +26,17 @@ class Progress {
   std::chrono::steady_clock::time_point start_, last_;
 };
 
+/// While one lives, this thread's Progress reports stay silent: helper threads
+/// working for a request leave its report to the calling thread.
+class MutedProgress {
+ public:
+  MutedProgress();
+  ~MutedProgress();
+  MutedProgress(const MutedProgress&) = delete;
+  MutedProgress& operator=(const MutedProgress&) = delete;
+
+ private:
+  bool previous_;
+};
+
 }  // namespace hesse::detail

@@ -14,8 +14,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <random>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <unistd.h>
@@ -790,6 +794,131 @@ BOOST_AUTO_TEST_CASE(per_sample_model_hessians_equal_full_batch_ones) {
   // and the dict forms agree
   const HessianDict db = model_hessian_dict(*net, {x}), df = model_hessian_dict(*net, {x}, o);
   for (const auto& [key, blk] : db.blocks()) CHECK_REL(blk, df.at(key.first, key.second), 1e-12);
+}
+
+/// tanh(x W) through an op whose backward rule notes the thread it runs on,
+/// takes half a millisecond (so that helper threads surely get samples), and
+/// refuses a sample whose first input is negative: a failure that only the
+/// derivatives meet, on whichever thread computes that sample's.
+struct WatchesItsThreads : nn::Module {
+  Tensor W;
+  std::shared_ptr<std::mutex> mutex = std::make_shared<std::mutex>();
+  std::shared_ptr<std::set<std::thread::id>> threads = std::make_shared<std::set<std::thread::id>>();
+  WatchesItsThreads() { W = register_parameter("W", Tensor{{0.5, -1.0}, {2.0, 0.25}}); }
+  Tensor forward(const std::vector<Tensor>& in) override {
+    const Tensor y = tanh(matmul(in[0], W));
+    const bool refuse = in[0].data()[0] < 0;
+    auto m = mutex;
+    auto ids = threads;
+    return detail::record("watched", y.detach() * 1.0, {y}, [=](const Tensor& g, const Tensor&, Needs) {
+      {
+        std::lock_guard<std::mutex> lock(*m);
+        ids->insert(std::this_thread::get_id());
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+      if (refuse) throw ValueError("watched: refuses a negative sample");
+      return std::vector<Tensor>{g};
+    });
+  }
+};
+
+/// Sets the per-sample thread count for one test; back to automatic after.
+struct ThreadCount {
+  explicit ThreadCount(std::size_t threads) { set_num_threads(threads); }
+  ~ThreadCount() { set_num_threads(0); }
+};
+
+// Samples' derivatives may be computed on several threads: every per-sample
+// result is the same to the bit for any thread count.
+BOOST_AUTO_TEST_CASE(per_sample_results_do_not_depend_on_the_thread_count) {
+  Generator gen(46);
+  auto net = gelu_softplus_net(gen, 3, 4, 2);
+  const Tensor x = randn({7, 3}, gen), t = randn({7, 2}, gen);
+  const nn::MSELoss mse(nn::Reduction::sum);
+  HessianOptions diagonal;
+  diagonal.diagonal_only = true;
+  const HessianOptions subset = with_params({"0.weight", "4.bias"});
+  const std::vector<std::pair<std::string, std::function<std::vector<Tensor>()>>> requests = {
+      {"model", [&] { return std::vector<Tensor>{model_hessian_matrix(*net, {x})}; }},
+      {"model diagonal_only", [&] { return std::vector<Tensor>{model_hessian_matrix(*net, {x}, diagonal)}; }},
+      {"model subset", [&] { return std::vector<Tensor>{model_hessian_matrix(*net, {x}, subset)}; }},
+      {"batch loss", [&] { return std::vector<Tensor>{batch_loss_hessian_matrix(*net, mse, {x}, t)}; }},
+      {"dict",
+       [&] {
+         const HessianDict d = model_hessian_dict(*net, {x});
+         std::vector<Tensor> blocks;
+         for (const auto& [key, block] : d.blocks()) blocks.push_back(block);
+         return blocks;
+       }},
+  };
+  for (const auto& [name, request] : requests) {
+    BOOST_TEST_CONTEXT(name) {
+      std::vector<Tensor> one;
+      {
+        ThreadCount threads(1);
+        one = request();
+      }
+      BOOST_CHECK_GT(max_abs(one[0]), 1e-3);
+      for (const std::size_t threads : {2, 3, 16}) {
+        BOOST_TEST_CONTEXT(threads << " threads") {
+          ThreadCount count(threads);
+          const std::vector<Tensor> many = request();
+          BOOST_REQUIRE_EQUAL(many.size(), one.size());
+          for (std::size_t i = 0; i < one.size(); ++i) CHECK_EXACT(many[i], one[i]);
+        }
+      }
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(samples_are_spread_over_the_threads_asked_for) {
+  WatchesItsThreads model;
+  const Tensor x = Tensor{{1.0, 2.0}, {0.5, 3.0}, {1.5, -1.0}, {2.0, 0.5}, {0.25, 1.0}, {3.0, 2.0}};
+  Tensor one;
+  {
+    ThreadCount threads(1);
+    one = model_hessian_matrix(model, {x});
+    BOOST_TEST(model.threads->size() == 1u);
+    BOOST_TEST(model.threads->count(std::this_thread::get_id()) == 1u);
+  }
+  model.threads->clear();
+  ThreadCount threads(3);
+  BOOST_TEST(num_threads() == 3u);
+  const Tensor many = model_hessian_matrix(model, {x});
+  BOOST_TEST(model.threads->size() > 1u);  // the caller's and at least one helper's
+  BOOST_TEST(model.threads->size() <= 3u);
+  CHECK_EXACT(many, one);
+  BOOST_CHECK_GT(max_abs(one), 0.1);
+}
+
+// A sample that fails on a helper thread fails the request with its own error,
+// after every thread has stopped; the next request runs as before.
+BOOST_AUTO_TEST_CASE(an_error_on_a_helper_thread_reaches_the_caller) {
+  WatchesItsThreads model;
+  const Tensor good = Tensor{{1.0, 2.0}, {0.5, 3.0}, {1.5, -1.0}, {2.0, 0.5}, {0.25, 1.0}};
+  const Tensor bad = Tensor{{1.0, 2.0}, {0.5, 3.0}, {1.5, -1.0}, {-2.0, 0.5}, {0.25, 1.0}};
+  const nn::MSELoss mse;
+  Tensor before, before_loss;
+  {
+    ThreadCount threads(1);
+    before = model_hessian_matrix(model, {good});
+    before_loss = batch_loss_hessian_matrix(model, mse, {good}, zeros({5, 2}));
+  }
+  ThreadCount threads(3);
+  HESSE_CHECK_THROWS(model_hessian_matrix(model, {bad}), ValueError, "refuses a negative sample");
+  HESSE_CHECK_THROWS(model_hessian_dict(model, {bad}), ValueError, "refuses a negative sample");
+  HESSE_CHECK_THROWS(batch_loss_hessian_matrix(model, mse, {bad}, zeros({5, 2})), ValueError,
+                     "refuses a negative sample");
+  CHECK_EXACT(model_hessian_matrix(model, {good}), before);
+  CHECK_EXACT(batch_loss_hessian_matrix(model, mse, {good}, zeros({5, 2})), before_loss);
+}
+
+BOOST_AUTO_TEST_CASE(the_thread_count_defaults_to_the_cores) {
+  ThreadCount automatic(0);
+  BOOST_TEST(num_threads() >= 1u);
+  BOOST_TEST(num_threads() == std::max<std::size_t>(1, std::thread::hardware_concurrency()));
+  set_num_threads(5);
+  BOOST_TEST(num_threads() == 5u);
 }
 
 // The dict's lower blocks (Q, P) are transposed from (P, Q) after each

@@ -58,6 +58,18 @@ NoticeHandler set_notice_handler(NoticeHandler handler);
 void set_hessian_memory_limit(std::size_t bytes);
 std::size_t hessian_memory_limit();
 
+/// Threads over which per-sample Hessians (model_hessian_matrix and
+/// model_hessian_dict with is_batch, batch_loss_hessian_matrix) split their
+/// samples. 0, the default, means one per core, once the samples take long
+/// enough to pay for starting threads (about 0.2 ms on one); a count set here
+/// is always used, and 1 keeps all work on the calling thread. The model
+/// itself always runs on the calling thread; only the derivatives of its
+/// samples are computed in parallel, each sample exactly as on one thread.
+/// While they run, OpenBLAS uses one thread.
+void set_num_threads(std::size_t threads);
+/// The threads per-sample Hessians may use (set_num_threads, 0 resolved).
+std::size_t num_threads();
+
 /// Blocks keyed by parameter-name pairs, in registration order.
 class HessianDict {
  public:

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -21,6 +22,7 @@ std::atomic<std::uint64_t> next_epoch{1};
 
 // HESSE_PROFILE=1: time spent in each op's backward rule, printed at exit.
 struct RuleProfile {
+  std::mutex mutex;  // per-sample Hessians run rules on several threads
   std::unordered_map<std::string, std::pair<double, std::size_t>> seconds_calls;
   ~RuleProfile() {
     std::vector<std::pair<std::string, std::pair<double, std::size_t>>> rows(seconds_calls.begin(), seconds_calls.end());
@@ -44,6 +46,7 @@ class RuleTimer {
   }
   void stop() {
     if (!rule_profile()) return;
+    std::lock_guard<std::mutex> lock(rule_profile()->mutex);
     auto& entry = rule_profile()->seconds_calls[name_];
     entry.first += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     entry.second += 1;

@@ -21,20 +21,33 @@ std::size_t global_limit = std::size_t(4) << 30;
 
 // Sinks writing into the two result layouts, from output entry `base` on.
 // Rows come for the upper blocks (p, q >= p) only: mirror_upper_blocks
-// completes a matrix, mirror_dict_blocks a dict, afterwards.
-RowSink matrix_sink(Tensor& h, std::size_t base, const Selection& sel) {
-  double* data = h.mutable_data();
+// completes a matrix, mirror_dict_blocks a dict, afterwards. They write
+// through pointers taken once, on the calling thread: samples' rows may
+// arrive on several threads, and a Tensor's mutable_data() is not for them.
+RowSink matrix_sink(double* data, std::size_t base, const Selection& sel) {
   return [data, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
     double* matrix = data + (base + e) * sel.n * sel.n;
     std::memcpy(matrix + (sel.offsets[p] + row) * sel.n + sel.offsets[q], values, sel.sizes[q] * sizeof(double));
   };
 }
 
-RowSink dict_sink(HessianDict& d, std::size_t base, const Selection& sel) {
-  return [&d, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
-    Tensor& block = d.blocks_.at({sel.names[p], sel.names[q]});
-    std::memcpy(block.mutable_data() + ((base + e) * sel.sizes[p] + row) * sel.sizes[q], values,
-                sel.sizes[q] * sizeof(double));
+/// Each block's values, [p * P + q] (null where the dict has no block).
+using DictBlocks = std::vector<double*>;
+
+DictBlocks dict_blocks(HessianDict& d, const Selection& sel) {
+  const std::size_t P = sel.params.size();
+  DictBlocks blocks(P * P, nullptr);
+  for (std::size_t p = 0; p < P; ++p)
+    for (std::size_t q = 0; q < P; ++q)
+      if (auto it = d.blocks_.find({sel.names[p], sel.names[q]}); it != d.blocks_.end())
+        blocks[p * P + q] = it->second.mutable_data();
+  return blocks;
+}
+
+RowSink dict_sink(const DictBlocks& blocks, std::size_t base, const Selection& sel) {
+  return [&blocks, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
+    double* block = blocks[p * sel.params.size() + q];
+    std::memcpy(block + ((base + e) * sel.sizes[p] + row) * sel.sizes[q], values, sel.sizes[q] * sizeof(double));
   };
 }
 
@@ -48,12 +61,13 @@ void mirror_upper_blocks(double* m, const Selection& sel) {
 }
 
 // The same for the output entries [first, first + count) of a dict.
-void mirror_dict_blocks(HessianDict& d, const Selection& sel, std::size_t first, std::size_t count) {
-  for (std::size_t p = 0; p < sel.params.size(); ++p)
-    for (std::size_t q = p + 1; q < sel.params.size(); ++q) {
+void mirror_dict_blocks(const DictBlocks& blocks, const Selection& sel, std::size_t first, std::size_t count) {
+  const std::size_t P = sel.params.size();
+  for (std::size_t p = 0; p < P; ++p)
+    for (std::size_t q = p + 1; q < P; ++q) {
       const std::size_t sp = sel.sizes[p], sq = sel.sizes[q];
-      const double* upper = d.blocks_.at({sel.names[p], sel.names[q]}).data();
-      double* lower = d.blocks_.at({sel.names[q], sel.names[p]}).mutable_data();
+      const double* upper = blocks[p * P + q];
+      double* lower = blocks[q * P + p];
       for (std::size_t e = first; e < first + count; ++e)
         detail::transpose_into(upper + e * sp * sq, sq, sp, sq, lower + e * sq * sp, sp);
     }
@@ -101,12 +115,16 @@ HessianDict model_hessian_dict(nn::Module& model, const std::vector<Tensor>& inp
   const Selection sel = select("model_hessian_dict", model, o);
   RequestScope scope(model, sel);
   HessianDict d;
+  DictBlocks blocks;
   model_hessians(
       "model_hessian_dict", model, inputs, sel, o,
-      [&](const Shape& out_shape) { d = empty_dict(sel, out_shape, o.diagonal_only); },
-      [&](std::size_t entry) { return dict_sink(d, entry, sel); }, [](std::size_t, std::size_t) {},
+      [&](const Shape& out_shape) {
+        d = empty_dict(sel, out_shape, o.diagonal_only);
+        blocks = dict_blocks(d, sel);
+      },
+      [&](std::size_t entry) { return dict_sink(blocks, entry, sel); }, [](std::size_t, std::size_t) {},
       [&](std::size_t first, std::size_t count) {
-        if (!o.diagonal_only) mirror_dict_blocks(d, sel, first, count);
+        if (!o.diagonal_only) mirror_dict_blocks(blocks, sel, first, count);
       });
   return d;
 }
@@ -115,20 +133,22 @@ Tensor model_hessian_matrix(nn::Module& model, const std::vector<Tensor>& inputs
   const Selection sel = select("model_hessian_matrix", model, o);
   RequestScope scope(model, sel);
   Tensor h;
+  double* values = nullptr;
   const std::size_t n = sel.n;
   // Each sample's matrices are cleared just before their rows arrive and
   // mirrored right after, while they are in cache: the result can be far
   // larger than the cache.
   model_hessians(
       "model_hessian_matrix", model, inputs, sel, o,
-      [&](const Shape& out_shape) { h = Tensor::empty(detail::concat_shape(out_shape, {n, n})); },
-      [&](std::size_t entry) { return matrix_sink(h, entry, sel); },
-      [&](std::size_t first, std::size_t count) {
-        std::fill_n(h.mutable_data() + first * n * n, count * n * n, 0.0);
+      [&](const Shape& out_shape) {
+        h = Tensor::empty(detail::concat_shape(out_shape, {n, n}));
+        values = h.mutable_data();
       },
+      [&](std::size_t entry) { return matrix_sink(values, entry, sel); },
+      [&](std::size_t first, std::size_t count) { std::fill_n(values + first * n * n, count * n * n, 0.0); },
       [&](std::size_t first, std::size_t count) {
         if (o.diagonal_only) return;
-        for (std::size_t e = first; e < first + count; ++e) mirror_upper_blocks(h.mutable_data() + e * n * n, sel);
+        for (std::size_t e = first; e < first + count; ++e) mirror_upper_blocks(values + e * n * n, sel);
       });
   return h;
 }
@@ -143,8 +163,9 @@ HessianDict loss_hessian_dict(nn::Module& model, const Criterion& criterion, con
   const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
   check_memory(api, sel, 1, o);
   HessianDict d = empty_dict(sel, {}, o.diagonal_only);
-  hessian_rows(loss, 0, 1, sel, o, dict_sink(d, 0, sel));
-  if (!o.diagonal_only) mirror_dict_blocks(d, sel, 0, 1);
+  const DictBlocks blocks = dict_blocks(d, sel);
+  hessian_rows(loss, 0, 1, sel, o, dict_sink(blocks, 0, sel));
+  if (!o.diagonal_only) mirror_dict_blocks(blocks, sel, 0, 1);
   return d;
 }
 
@@ -156,7 +177,7 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
   const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
   check_memory(api, sel, 1, o);
   Tensor h = zeros({sel.n, sel.n});
-  hessian_rows(loss, 0, 1, sel, o, matrix_sink(h, 0, sel));
+  hessian_rows(loss, 0, 1, sel, o, matrix_sink(h.mutable_data(), 0, sel));
   if (!o.diagonal_only) mirror_upper_blocks(h.mutable_data(), sel);
   return h;
 }
@@ -169,13 +190,15 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
   const std::size_t batches = batch_size(api, inputs, target);
   check_memory(api, sel, batches, o);
   Tensor h = zeros({batches, sel.n, sel.n});
-  SeedReuse reuse;  // every sample's passes take seed batches of the same shapes
-  for (std::size_t b = 0; b < batches; ++b) {
-    const Tensor t = sample_target(target, b);
-    const Tensor loss = scalar_loss(api, criterion, run_sample(api, model, inputs, b), t);
-    hessian_rows(loss, 0, 1, sel, o, matrix_sink(h, b, sel));
-    if (!o.diagonal_only) mirror_upper_blocks(h.mutable_data() + b * sel.n * sel.n, sel);
-  }
+  double* values = h.mutable_data();
+  std::vector<Tensor> losses(batches);
+  for (std::size_t b = 0; b < batches; ++b)
+    losses[b] = scalar_loss(api, criterion, run_sample(api, model, inputs, b), sample_target(target, b));
+  for_each_sample(batches, [&](std::size_t b) {
+    hessian_rows(losses[b], 0, 1, sel, o, matrix_sink(values, b, sel));
+    if (!o.diagonal_only) mirror_upper_blocks(values + b * sel.n * sel.n, sel);
+    losses[b] = Tensor();  // its graph is no longer needed
+  });
   return h;
 }
 

@@ -3,9 +3,16 @@
 // one-hot seeds go through its graph as one batched backward pass each.
 #include "request.hpp"
 
-#include "../progress.hpp"
+#include <cblas.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "../progress.hpp"
 
 namespace hesse::detail {
 
@@ -225,6 +232,85 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
       progress.update(rows_done += k);
     }
   }
+}
+
+namespace {
+
+std::atomic<std::size_t> requested_threads{0};  // 0: automatic
+
+// Starting a thread costs tens of microseconds: by default the other samples
+// go to threads only when they would take this long on one.
+constexpr double kSecondsWorthThreads = 200e-6;
+
+// OpenBLAS's own threads would compete with ours for the cores: it runs on one
+// while any request runs samples in parallel, and gets its count back after
+// the last one (requests may overlap on the user's threads).
+class OneBlasThread {
+ public:
+  OneBlasThread() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (active_++ == 0) {
+      previous_ = openblas_get_num_threads();
+      openblas_set_num_threads(1);
+    }
+  }
+  ~OneBlasThread() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (--active_ == 0) openblas_set_num_threads(previous_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  static inline std::mutex mutex_;
+  static inline std::size_t active_ = 0;
+  static inline int previous_ = 1;
+};
+
+}  // namespace
+
+void for_each_sample(std::size_t count, const std::function<void(std::size_t)>& work) {
+  if (count == 0) return;
+  SeedReuse reuse;  // every sample's passes take seed batches of the same shapes
+  const auto start = std::chrono::steady_clock::now();
+  work(0);
+  const double first = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const bool worth_it = requested_threads != 0 || first * double(count - 1) >= kSecondsWorthThreads;
+  const std::size_t threads = worth_it ? std::min(num_threads(), count - 1) : 1;
+  if (threads <= 1) {
+    for (std::size_t i = 1; i < count; ++i) work(i);
+    return;
+  }
+  // Each thread takes the next sample not yet taken, until none is left or one failed.
+  std::atomic<std::size_t> next{1};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  auto run = [&] {
+    SeedReuse reuse_here;
+    try {
+      for (std::size_t i; !failed && (i = next++) < count;) work(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      failed = true;
+    }
+  };
+  {
+    OneBlasThread blas;
+    std::vector<std::thread> helpers;
+    try {
+      helpers.reserve(threads - 1);
+      for (std::size_t t = 1; t < threads; ++t) helpers.emplace_back([&run] {
+          MutedProgress muted;  // the calling thread reports
+          run();
+        });
+    } catch (...) {  // fewer helpers than asked: the running threads take their samples
+    }
+    run();
+    for (std::thread& helper : helpers) helper.join();
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
@@ -468,3 +554,15 @@ std::size_t index_of(const char* api, const std::vector<std::string>& names, con
 }
 
 }  // namespace hesse::detail
+
+namespace hesse {
+
+void set_num_threads(std::size_t threads) { detail::requested_threads = threads; }
+
+std::size_t num_threads() {
+  if (const std::size_t t = detail::requested_threads) return t;
+  static const std::size_t cores = std::max<std::size_t>(1, std::thread::hardware_concurrency());  // reads /sys
+  return cores;
+}
+
+}  // namespace hesse

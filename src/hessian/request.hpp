@@ -186,25 +186,39 @@ Outputs loss_outputs(const char* api, nn::Module& model, const Criterion& criter
                      const Tensor& target);
 Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o);
 
+/// work(i) for every sample i in [0, count), each on one thread: the first on
+/// the calling thread, the others spread over num_threads() threads when the
+/// first took long enough to pay for starting them. The first exception is
+/// rethrown here, after every thread has stopped.
+void for_each_sample(std::size_t count, const std::function<void(std::size_t)>& work);
+
 // One Hessian per entry of the model's output. With is_batch, sample b is run
-// alone (batch of one) and its entries fill row b of the result. prepare and
-// finish(first entry, count) run just before and after each output's rows, so
-// that a result can be cleared and completed while that part is in cache.
+// alone (batch of one) and its entries fill row b of the result. The model
+// runs on the calling thread, then the samples' derivatives on for_each_sample's
+// threads. prepare and finish(first entry, count) run just before and after
+// each output's rows, so that a result can be cleared and completed while that
+// part is in cache.
 template <class MakeResult, class SinkFor, class Prepare, class Finish>
 void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const Selection& sel,
                     const HessianOptions& o, MakeResult make_result, SinkFor sink_for, Prepare prepare,
                     Finish finish) {
+  std::vector<std::pair<Tensor, std::size_t>> outputs;  // (output, base), one per sample
   model_outputs(api, model, inputs, o)(
       [&](const Shape& lead) {
         check_memory(api, sel, numel_of(lead), o);
         make_result(lead);
       },
       [&](const Tensor& y, std::size_t base) {
-        prepare(base, y.numel());
-        hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(base + first); });
-        finish(base, y.numel());
+        outputs.emplace_back(y, base);
         return true;
       });
+  for_each_sample(outputs.size(), [&](std::size_t i) {
+    const std::size_t base = outputs[i].second, count = outputs[i].first.numel();
+    prepare(base, count);
+    hessians_of_entries(outputs[i].first, sel, o, [&](std::size_t first) { return sink_for(base + first); });
+    finish(base, count);
+    outputs[i].first = Tensor();  // its graph is no longer needed
+  });
 }
 
 /// The position of `name` in `names`, or a ValueError naming `api` and the known names.
