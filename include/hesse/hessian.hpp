@@ -58,16 +58,20 @@ NoticeHandler set_notice_handler(NoticeHandler handler);
 void set_hessian_memory_limit(std::size_t bytes);
 std::size_t hessian_memory_limit();
 
-/// Threads over which per-sample Hessians (model_hessian_matrix and
-/// model_hessian_dict with is_batch, batch_loss_hessian_matrix) split their
-/// samples. 0, the default, means one per core, once the samples take long
-/// enough to pay for starting threads (about 0.2 ms on one); a count set here
-/// is always used, and 1 keeps all work on the calling thread. The model
-/// itself always runs on the calling thread; only the derivatives of its
-/// samples are computed in parallel, each sample exactly as on one thread.
-/// While they run, OpenBLAS uses one thread.
+/// Threads that dense Hessians spread their work over: per-sample Hessians
+/// (model_hessian_matrix and model_hessian_dict with is_batch,
+/// batch_loss_hessian_matrix) their samples, loss_hessian_matrix and
+/// loss_hessian_dict their chunks of rows. 0, the default, means one per
+/// core, once the work left after the first sample or chunk would take long
+/// enough on one thread to pay for starting others (0.2 ms of samples, 2 ms
+/// of rows); a count set here is always used, and 1 keeps all work on the
+/// calling thread. The model always runs on the calling thread (a helper
+/// computing rows gets its own copy of the loss's graph from one more forward
+/// pass); only derivatives are computed in parallel. While helpers run,
+/// OpenBLAS runs on one thread: results agree with one thread's to rounding
+/// (OpenBLAS's products may round differently on one thread than on several).
 void set_num_threads(std::size_t threads);
-/// The threads per-sample Hessians may use (set_num_threads, 0 resolved).
+/// The threads Hessians may use (set_num_threads, 0 resolved).
 std::size_t num_threads();
 
 /// Blocks keyed by parameter-name pairs, in registration order.

@@ -160,11 +160,12 @@ HessianDict loss_hessian_dict(nn::Module& model, const Criterion& criterion, con
   const char* api = "loss_hessian_dict";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
+  auto run = [&] { return scalar_loss(api, criterion, run_model(api, model, inputs), target); };
+  const Tensor loss = run();
   check_memory(api, sel, 1, o);
   HessianDict d = empty_dict(sel, {}, o.diagonal_only);
   const DictBlocks blocks = dict_blocks(d, sel);
-  hessian_rows(loss, 0, 1, sel, o, dict_sink(blocks, 0, sel));
+  rows_on_threads(loss, run, sel, o, dict_sink(blocks, 0, sel));
   if (!o.diagonal_only) mirror_dict_blocks(blocks, sel, 0, 1);
   return d;
 }
@@ -174,10 +175,11 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
   const char* api = "loss_hessian_matrix";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
+  auto run = [&] { return scalar_loss(api, criterion, run_model(api, model, inputs), target); };
+  const Tensor loss = run();
   check_memory(api, sel, 1, o);
   Tensor h = zeros({sel.n, sel.n});
-  hessian_rows(loss, 0, 1, sel, o, matrix_sink(h.mutable_data(), 0, sel));
+  rows_on_threads(loss, run, sel, o, matrix_sink(h.mutable_data(), 0, sel));
   if (!o.diagonal_only) mirror_upper_blocks(h.mutable_data(), sel);
   return h;
 }

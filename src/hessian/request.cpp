@@ -159,7 +159,8 @@ Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones) {
 }
 
 void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const Selection& sel,
-                  const HessianOptions& o, const RowSink& sink, const std::vector<bool>* wanted_blocks) {
+                  const HessianOptions& o, const RowSink& sink, const std::vector<bool>* wanted_blocks,
+                  RowQueue* queue) {
   if (!y.requires_grad()) return;  // constant in θ: the Hessians are zero
   SeedReuse reuse;  // across the chunks below (and the samples of an enclosing scope)
   const std::size_t per_seed = count * tape_elements(y);
@@ -172,65 +173,61 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
   second_level.retain_graph = true;
   second_level.allow_unused = true;
   second_level.batched_grad_outputs = true;
-  // seeds for g[p]: k one-hot rows picking (entry, row of p) pairs
-  auto seeds_for = [&](std::size_t p, std::size_t k, const std::vector<std::pair<std::size_t, std::size_t>>& picks) {
-    ones.resize(k);
-    for (std::size_t i = 0; i < k; ++i) ones[i] = (i * count + picks[i].first) * sel.sizes[p] + picks[i].second;
-    return one_hot_seeds(concat_shape({k, count}, sel.params[p].shape()), ones);
-  };
   auto live = [&](std::size_t p) { return g[p].defined() && g[p].requires_grad(); };
   const std::size_t P = sel.params.size();
   auto wanted = [&](std::size_t p, std::size_t q) { return !wanted_blocks || (*wanted_blocks)[p * P + q]; };
 
-  std::size_t total_rows = 0, rows_done = 0;
-  for (std::size_t p = 0; p < P; ++p) total_rows += live(p) ? count * sel.sizes[p] : 0;
+  // Full rows, one parameter p at a time: a chunk of (entry, row of p) pairs
+  // seeds g[p] alone, and one backward pass gives the blocks (p, q >= p) of
+  // those rows (by symmetry the rest are their transposes); with
+  // diagonal_only, the (P, P) blocks only. Seeding one g[p] per pass keeps
+  // seeds free of all-zero rows for the other parameters, and the pass never
+  // reaches the parts of the tape that only lead to q < p. Rows of parameters
+  // that enter linearly (g[p] constant) are zero.
+  struct Chunk {
+    std::size_t p, t0, k;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<std::vector<std::size_t>> wrt_index(P);  // the blocks (p, q) each p's passes give
+  std::vector<std::vector<Tensor>> wrt(P);
+  std::size_t total_rows = 0;
+  for (std::size_t p = 0; p < P; ++p) {
+    if (!live(p)) continue;
+    for (std::size_t q = p; q < (o.diagonal_only ? p + 1 : P); ++q)
+      if (wanted(p, q)) wrt_index[p].push_back(q), wrt[p].push_back(sel.params[q]);
+    if (wrt[p].empty()) continue;
+    const std::size_t total = count * sel.sizes[p], k_max = chunk_of(o, total, per_seed);
+    for (std::size_t t0 = 0; t0 < total; t0 += k_max) chunks.push_back({p, t0, std::min(k_max, total - t0)});
+    total_rows += total;
+  }
   Progress progress(count == 1 ? "Hessian rows" : "Hessian rows of " + std::to_string(count) + " outputs", total_rows,
                     o.progress);
+  std::atomic<std::size_t> rows_here{0};
+  std::atomic<std::size_t>& rows_done = queue ? queue->rows_done : rows_here;
 
-  if (o.diagonal_only) {  // (P, P) blocks only: seeds and derivatives stay within P
-    for (std::size_t p = 0; p < P; ++p) {
-      if (!live(p) || !wanted(p, p)) continue;
-      const std::size_t total = count * sel.sizes[p], k_max = chunk_of(o, total, per_seed);
-      for (std::size_t t0 = 0; t0 < total; t0 += k_max) {
-        const std::size_t k = std::min(k_max, total - t0);
-        std::vector<std::pair<std::size_t, std::size_t>> picks(k);
-        for (std::size_t i = 0; i < k; ++i) picks[i] = {(t0 + i) / sel.sizes[p], (t0 + i) % sel.sizes[p]};
-        const Tensor rows = grad(g[p], sel.params[p], seeds_for(p, k, picks), second_level);
-        if (rows.defined())
-          for (std::size_t i = 0; i < k; ++i)
-            sink(picks[i].first, p, picks[i].second, p, rows.data() + i * sel.sizes[p]);
-        progress.update(rows_done += k);
-      }
+  // Alone, this thread takes every chunk in turn; with a queue, the next one no thread has taken.
+  std::size_t next = 0;
+  auto take = [&] { return queue ? queue->take() : next++; };
+  for (std::size_t c = take(); c < chunks.size(); c = take()) {
+    const auto start = std::chrono::steady_clock::now();
+    const auto [p, t0, k] = chunks[c];
+    std::vector<std::pair<std::size_t, std::size_t>> picks(k);  // (entry, row of p) of each seed
+    ones.resize(k);
+    for (std::size_t i = 0; i < k; ++i) {
+      picks[i] = {(t0 + i) / sel.sizes[p], (t0 + i) % sel.sizes[p]};
+      ones[i] = (i * count + picks[i].first) * sel.sizes[p] + picks[i].second;
     }
-    return;
-  }
-  // full rows, one parameter p at a time: chunks of (entry, row of p) pairs
-  // seed g[p] alone, and one backward pass gives the blocks (p, q >= p) of
-  // those rows: by symmetry the rest are their transposes. Seeding one g[p]
-  // per pass keeps seeds free of all-zero rows for the other parameters, and
-  // the pass never reaches the parts of the tape that only lead to q < p.
-  for (std::size_t p = 0; p < P; ++p) {
-    if (!live(p)) continue;  // rows of parameters that enter linearly: zero
-    std::vector<std::size_t> wrt_index;
-    std::vector<Tensor> wrt;
-    for (std::size_t q = p; q < P; ++q)
-      if (wanted(p, q)) wrt_index.push_back(q), wrt.push_back(sel.params[q]);
-    if (wrt.empty()) continue;
-    const std::size_t total = count * sel.sizes[p], k_max = chunk_of(o, total, per_seed);
-    for (std::size_t t0 = 0; t0 < total; t0 += k_max) {
-      const std::size_t k = std::min(k_max, total - t0);
-      std::vector<std::pair<std::size_t, std::size_t>> picks(k);  // (entry, row of p) of each seed
-      for (std::size_t i = 0; i < k; ++i) picks[i] = {(t0 + i) / sel.sizes[p], (t0 + i) % sel.sizes[p]};
-      const std::vector<Tensor> rows = grad({g[p]}, wrt, {seeds_for(p, k, picks)}, second_level);
-      for (std::size_t j = 0; j < wrt.size(); ++j) {
-        const std::size_t q = wrt_index[j];
-        const Tensor& block_rows = rows[j];
-        if (!block_rows.defined()) continue;
-        const double* values = block_rows.data();
-        for (std::size_t i = 0; i < k; ++i) sink(picks[i].first, p, picks[i].second, q, values + i * sel.sizes[q]);
-      }
-      progress.update(rows_done += k);
+    const Tensor seeds = one_hot_seeds(concat_shape({k, count}, sel.params[p].shape()), ones);
+    const std::vector<Tensor> rows = grad({g[p]}, wrt[p], {seeds}, second_level);
+    for (std::size_t j = 0; j < rows.size(); ++j) {
+      const std::size_t q = wrt_index[p][j];
+      if (!rows[j].defined()) continue;
+      const double* values = rows[j].data();
+      for (std::size_t i = 0; i < k; ++i) sink(picks[i].first, p, picks[i].second, q, values + i * sel.sizes[q]);
     }
+    progress.update(rows_done += k);
+    if (queue) queue->chunk_done(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+                                 chunks.size() - std::min(chunks.size(), c + 1));
   }
 }
 
@@ -238,13 +235,22 @@ namespace {
 
 std::atomic<std::size_t> requested_threads{0};  // 0: automatic
 
-// Starting a thread costs tens of microseconds: by default the other samples
-// go to threads only when they would take this long on one.
-constexpr double kSecondsWorthThreads = 200e-6;
+// By default the rest of the work goes to threads only when it would take
+// this long on one: starting a thread costs tens of microseconds, and a
+// helper computing one output's rows needs its own forward pass and gradient.
+constexpr double kSamplesWorthThreads = 200e-6, kRowsWorthThreads = 2e-3;
+
+/// The threads to spread `left` pieces of work over, after the first took `seconds`.
+std::size_t threads_for(double seconds, std::size_t left, double worth) {
+  const bool worth_it = requested_threads != 0 || seconds * double(left) >= worth;
+  return worth_it ? std::min(num_threads(), left) : 1;
+}
+
+}  // namespace
 
 // OpenBLAS's own threads would compete with ours for the cores: it runs on one
-// while any request runs samples in parallel, and gets its count back after
-// the last one (requests may overlap on the user's threads).
+// while any request runs work in parallel, and gets its count back after the
+// last one (requests may overlap on the user's threads).
 class OneBlasThread {
  public:
   OneBlasThread() {
@@ -267,50 +273,96 @@ class OneBlasThread {
   static inline int previous_ = 1;
 };
 
-}  // namespace
+Crew::Crew() = default;
+Crew::~Crew() {
+  if (!helpers_.empty()) failed_ = true;  // stopped early (an exception on the calling thread)
+  join();
+}
+
+bool Crew::add(std::function<void()> work) {
+  try {
+    if (!blas_) blas_ = std::make_unique<OneBlasThread>();
+    helpers_.reserve(helpers_.size() + 1);
+    helpers_.emplace_back([this, work = std::move(work)] {
+      MutedProgress muted;  // the calling thread reports
+      run(work);
+    });
+    return true;
+  } catch (...) {  // no thread to be had: the running ones do its part
+    return false;
+  }
+}
+
+void Crew::run(const std::function<void()>& work) {
+  try {
+    work();
+  } catch (...) {
+    keep(std::current_exception());
+  }
+}
+
+void Crew::keep(std::exception_ptr error) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!error_) error_ = std::move(error);
+  failed_ = true;
+}
+
+void Crew::join() noexcept {
+  for (std::thread& helper : helpers_) helper.join();
+  helpers_.clear();
+  blas_.reset();
+}
+
+void Crew::finish() {
+  join();
+  if (error_) std::rethrow_exception(error_);
+}
 
 void for_each_sample(std::size_t count, const std::function<void(std::size_t)>& work) {
   if (count == 0) return;
   SeedReuse reuse;  // every sample's passes take seed batches of the same shapes
   const auto start = std::chrono::steady_clock::now();
   work(0);
-  const double first = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const bool worth_it = requested_threads != 0 || first * double(count - 1) >= kSecondsWorthThreads;
-  const std::size_t threads = worth_it ? std::min(num_threads(), count - 1) : 1;
+  const std::size_t threads =
+      threads_for(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), count - 1,
+                  kSamplesWorthThreads);
   if (threads <= 1) {
     for (std::size_t i = 1; i < count; ++i) work(i);
     return;
   }
   // Each thread takes the next sample not yet taken, until none is left or one failed.
+  Crew crew;
   std::atomic<std::size_t> next{1};
-  std::atomic<bool> failed{false};
-  std::mutex error_mutex;
-  std::exception_ptr error;
-  auto run = [&] {
+  auto samples = [&] {
     SeedReuse reuse_here;
-    try {
-      for (std::size_t i; !failed && (i = next++) < count;) work(i);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
-      failed = true;
-    }
+    for (std::size_t i; !crew.failed() && (i = next++) < count;) work(i);
   };
-  {
-    OneBlasThread blas;
-    std::vector<std::thread> helpers;
-    try {
-      helpers.reserve(threads - 1);
-      for (std::size_t t = 1; t < threads; ++t) helpers.emplace_back([&run] {
-          MutedProgress muted;  // the calling thread reports
-          run();
-        });
-    } catch (...) {  // fewer helpers than asked: the running threads take their samples
-    }
-    run();
-    for (std::thread& helper : helpers) helper.join();
+  for (std::size_t t = 1; t < threads && crew.add(samples); ++t) {
   }
-  if (error) std::rethrow_exception(error);
+  crew.run(samples);
+  crew.finish();
+}
+
+RowQueue::RowQueue(std::function<Tensor()> copy, std::function<void(const Tensor&)> rows)
+    : copy_(std::move(copy)), rows_(std::move(rows)) {}
+
+std::size_t RowQueue::take() { return crew_.failed() ? std::size_t(-1) : next_++; }
+
+void RowQueue::chunk_done(double seconds, std::size_t left) {
+  if (decided_ || std::this_thread::get_id() != caller_) return;
+  decided_ = true;
+  const std::size_t threads = threads_for(seconds, left, kRowsWorthThreads);
+  for (std::size_t t = 1; t < threads; ++t) {
+    Tensor y = copy_();  // the model runs on this thread
+    if (!crew_.add([this, y] { rows_(y); })) break;
+  }
+}
+
+void rows_on_threads(const Tensor& loss, const std::function<Tensor()>& copy, const Selection& sel,
+                     const HessianOptions& o, const RowSink& sink) {
+  RowQueue queue(copy, [&](const Tensor& loss_copy) { hessian_rows(loss_copy, 0, 1, sel, o, sink, nullptr, &queue); });
+  hessian_rows(loss, 0, 1, sel, o, sink, nullptr, &queue);
+  queue.finish();
 }
 
 void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,

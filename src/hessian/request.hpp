@@ -2,9 +2,14 @@
 // What every Hessian and curvature request shares (internal, not installed):
 // the parameter selection, the scope that prepares the model, input checks,
 // memory accounting, and the batched row engine behind every dense result.
+#include <atomic>
 #include <cstddef>
+#include <exception>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "hesse/hessian.hpp"
@@ -103,11 +108,84 @@ class SeedReuse {
 /// Output entries whose Hessians are computed together.
 constexpr std::size_t kEntryGroup = 8;
 
+class RowQueue;
+
 /// Hessians of the entries [first, first + count) of y, reported to sink with
 /// entry = index - first. Blocks listed false in `skip` (when given, P × P
-/// flags, row-major) are neither computed nor reported.
+/// flags, row-major) are neither computed nor reported. With a queue, this
+/// thread computes only the chunks of rows it takes from it.
 void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const Selection& sel,
-                  const HessianOptions& o, const RowSink& sink, const std::vector<bool>* wanted_blocks = nullptr);
+                  const HessianOptions& o, const RowSink& sink, const std::vector<bool>* wanted_blocks = nullptr,
+                  RowQueue* queue = nullptr);
+
+class OneBlasThread;
+
+/// Helper threads working beside the calling one. The first exception any
+/// of them (or the caller, through run()) throws is kept, and failed() tells
+/// the others to take no more work; finish() hands it to the caller once all
+/// have stopped. While helpers run, OpenBLAS runs on one thread.
+class Crew {
+ public:
+  Crew();
+  ~Crew();  // stops the helpers and waits for them
+  Crew(const Crew&) = delete;
+  Crew& operator=(const Crew&) = delete;
+
+  /// Starts work() on a helper thread, whose progress reports stay silent;
+  /// false when no thread could be started.
+  bool add(std::function<void()> work);
+  /// work() on this thread, its exception kept like a helper's.
+  void run(const std::function<void()>& work);
+  bool failed() const { return failed_; }
+  /// Waits for the helpers; rethrows the first exception.
+  void finish();
+
+ private:
+  void keep(std::exception_ptr error);
+  void join() noexcept;
+  std::vector<std::thread> helpers_;
+  std::unique_ptr<OneBlasThread> blas_;  // while helpers run
+  std::atomic<bool> failed_{false};
+  std::mutex mutex_;
+  std::exception_ptr error_;
+};
+
+/// The chunks of one output's Hessian rows, shared by the threads that
+/// compute them, each on its own copy of the output's graph (a backward pass
+/// keeps its state in the nodes it runs through). After its first chunk the
+/// calling thread starts helpers, when the chunks left would take long enough
+/// on one thread to pay for them; each helper gets a copy of the output made
+/// on the calling thread (the model runs there only).
+class RowQueue {
+ public:
+  /// copy(): the output again, on a graph of its own; rows(y): one thread's
+  /// share of the rows of y (hessian_rows with this queue).
+  RowQueue(std::function<Tensor()> copy, std::function<void(const Tensor&)> rows);
+  RowQueue(const RowQueue&) = delete;
+  RowQueue& operator=(const RowQueue&) = delete;
+
+  /// The index of the next chunk no thread has taken (none left once past the last).
+  std::size_t take();
+  /// A thread finished a chunk in `seconds`, with `left` chunks after it.
+  void chunk_done(double seconds, std::size_t left);
+  /// Waits for the helpers; rethrows the first error any thread met.
+  void finish() { crew_.finish(); }
+
+  std::atomic<std::size_t> rows_done{0};  // over all threads, for the progress report
+
+ private:
+  std::function<Tensor()> copy_;
+  std::function<void(const Tensor&)> rows_;
+  std::thread::id caller_ = std::this_thread::get_id();
+  bool decided_ = false;  // whether helpers are wanted: after the caller's first chunk
+  std::atomic<std::size_t> next_{0};
+  Crew crew_;
+};
+
+/// hessian_rows of a scalar loss, on as many threads as pay; copy() makes the
+/// loss again on a graph of its own (see RowQueue).
+void rows_on_threads(const Tensor& loss, const std::function<Tensor()>& copy, const Selection& sel,
+                     const HessianOptions& o, const RowSink& sink);
 /// Hessians of every entry of y, in groups; entry e of y reports as sink_from(first) with first + e.
 void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
                          const std::function<RowSink(std::size_t first)>& sink_from,
