@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <sstream>
 #include <unordered_set>
 
@@ -30,6 +31,27 @@ RowSink matrix_sink(double* data, std::size_t base, const Selection& sel) {
     std::memcpy(matrix + (sel.offsets[p] + row) * sel.n + sel.offsets[q], values, sel.sizes[q] * sizeof(double));
   };
 }
+
+/// The blocks (p, q) that rows reached, P × P (rows arrive on several threads).
+class ReachedBlocks {
+ public:
+  explicit ReachedBlocks(std::size_t P) : P_(P), flags_(new std::atomic<bool>[P * P]) {
+    for (std::size_t i = 0; i < P * P; ++i) flags_[i] = false;
+  }
+  /// `sink`, noting the blocks its rows reach.
+  RowSink noting(RowSink sink) {
+    return [this, sink = std::move(sink)](std::size_t e, std::size_t p, std::size_t row, std::size_t q,
+                                           const double* values) {
+      flags_[p * P_ + q].store(true, std::memory_order_relaxed);
+      sink(e, p, row, q, values);
+    };
+  }
+  bool reached(std::size_t p, std::size_t q) const { return flags_[p * P_ + q]; }
+
+ private:
+  std::size_t P_;
+  std::unique_ptr<std::atomic<bool>[]> flags_;
+};
 
 /// Each block's values, [p * P + q] (null where the dict has no block).
 using DictBlocks = std::vector<double*>;
@@ -58,6 +80,38 @@ void mirror_upper_blocks(double* m, const Selection& sel) {
     for (std::size_t q = p + 1; q < sel.params.size(); ++q)
       detail::transpose_into(m + sel.offsets[p] * n + sel.offsets[q], n, sel.sizes[p], sel.sizes[q],
                              m + sel.offsets[q] * n + sel.offsets[p], n);
+}
+
+// Completes an n × n matrix whose rows reached the blocks `reached` marks:
+// an upper block no row reached is zero, and each lower block is the
+// transpose of its upper one (zero with diagonal_only). The matrix was never
+// cleared: at this size that would be one more pass over memory. The lower
+// blocks are done in stripes of 64 rows, spread over threads.
+void complete_matrix(double* m, const Selection& sel, const ReachedBlocks& reached, bool diagonal_only) {
+  const std::size_t n = sel.n, P = sel.params.size();
+  for (std::size_t p = 0; p < P; ++p)
+    for (std::size_t q = p; q < P; ++q)
+      if (!reached.reached(p, q))
+        for (std::size_t r = 0; r < sel.sizes[p]; ++r)
+          std::fill_n(m + (sel.offsets[p] + r) * n + sel.offsets[q], sel.sizes[q], 0.0);
+  struct Stripe {
+    std::size_t p, q, first, rows;  // rows [first, first + rows) of block (q, p), p < q
+  };
+  constexpr std::size_t kStripeRows = 64;
+  std::vector<Stripe> stripes;
+  for (std::size_t p = 0; p < P; ++p)
+    for (std::size_t q = p + 1; q < P; ++q)
+      for (std::size_t first = 0; first < sel.sizes[q]; first += kStripeRows)
+        stripes.push_back({p, q, first, std::min(kStripeRows, sel.sizes[q] - first)});
+  for_each_part(stripes.size(), [&](std::size_t i) {
+    const auto [p, q, first, rows] = stripes[i];
+    double* lower = m + (sel.offsets[q] + first) * n + sel.offsets[p];
+    if (diagonal_only) {
+      for (std::size_t r = 0; r < rows; ++r) std::fill_n(lower + r * n, sel.sizes[p], 0.0);
+      return;
+    }
+    detail::transpose_into(m + sel.offsets[p] * n + sel.offsets[q] + first, n, sel.sizes[p], rows, lower, n);
+  });
 }
 
 // The same for the output entries [first, first + count) of a dict.
@@ -178,9 +232,10 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
   auto run = [&] { return scalar_loss(api, criterion, run_model(api, model, inputs), target); };
   const Tensor loss = run();
   check_memory(api, sel, 1, o);
-  Tensor h = zeros({sel.n, sel.n});
-  rows_on_threads(loss, run, sel, o, matrix_sink(h.mutable_data(), 0, sel));
-  if (!o.diagonal_only) mirror_upper_blocks(h.mutable_data(), sel);
+  Tensor h = Tensor::empty({sel.n, sel.n});
+  ReachedBlocks reached(sel.params.size());
+  rows_on_threads(loss, run, sel, o, reached.noting(matrix_sink(h.mutable_data(), 0, sel)));
+  complete_matrix(h.mutable_data(), sel, reached, o.diagonal_only);
   return h;
 }
 
@@ -196,7 +251,7 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
   std::vector<Tensor> losses(batches);
   for (std::size_t b = 0; b < batches; ++b)
     losses[b] = scalar_loss(api, criterion, run_sample(api, model, inputs, b), sample_target(target, b));
-  for_each_sample(batches, [&](std::size_t b) {
+  for_each_part(batches, [&](std::size_t b) {
     hessian_rows(losses[b], 0, 1, sel, o, matrix_sink(values, b, sel));
     if (!o.diagonal_only) mirror_upper_blocks(values + b * sel.n * sel.n, sel);
     losses[b] = Tensor();  // its graph is no longer needed

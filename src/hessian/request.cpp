@@ -238,7 +238,7 @@ std::atomic<std::size_t> requested_threads{0};  // 0: automatic
 // By default the rest of the work goes to threads only when it would take
 // this long on one: starting a thread costs tens of microseconds, and a
 // helper computing one output's rows needs its own forward pass and gradient.
-constexpr double kSamplesWorthThreads = 200e-6, kRowsWorthThreads = 2e-3;
+constexpr double kPartsWorthThreads = 200e-6, kRowsWorthThreads = 2e-3;
 
 /// The threads to spread `left` pieces of work over, after the first took `seconds`.
 std::size_t threads_for(double seconds, std::size_t left, double worth) {
@@ -318,28 +318,28 @@ void Crew::finish() {
   if (error_) std::rethrow_exception(error_);
 }
 
-void for_each_sample(std::size_t count, const std::function<void(std::size_t)>& work) {
+void for_each_part(std::size_t count, const std::function<void(std::size_t)>& work) {
   if (count == 0) return;
   SeedReuse reuse;  // every sample's passes take seed batches of the same shapes
   const auto start = std::chrono::steady_clock::now();
   work(0);
   const std::size_t threads =
       threads_for(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), count - 1,
-                  kSamplesWorthThreads);
+                  kPartsWorthThreads);
   if (threads <= 1) {
     for (std::size_t i = 1; i < count; ++i) work(i);
     return;
   }
-  // Each thread takes the next sample not yet taken, until none is left or one failed.
+  // Each thread takes the next part not yet taken, until none is left or one failed.
   Crew crew;
   std::atomic<std::size_t> next{1};
-  auto samples = [&] {
+  auto parts = [&] {
     SeedReuse reuse_here;
     for (std::size_t i; !crew.failed() && (i = next++) < count;) work(i);
   };
-  for (std::size_t t = 1; t < threads && crew.add(samples); ++t) {
+  for (std::size_t t = 1; t < threads && crew.add(parts); ++t) {
   }
-  crew.run(samples);
+  crew.run(parts);
   crew.finish();
 }
 

@@ -264,15 +264,16 @@ Outputs loss_outputs(const char* api, nn::Module& model, const Criterion& criter
                      const Tensor& target);
 Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o);
 
-/// work(i) for every sample i in [0, count), each on one thread: the first on
-/// the calling thread, the others spread over num_threads() threads when the
-/// first took long enough to pay for starting them. The first exception is
-/// rethrown here, after every thread has stopped.
-void for_each_sample(std::size_t count, const std::function<void(std::size_t)>& work);
+/// work(i) for every part i in [0, count) (a sample; a stripe of a matrix),
+/// each on one thread: the first on the calling thread, the others spread
+/// over num_threads() threads when the first took long enough to pay for
+/// starting them. The first exception is rethrown here, after every thread
+/// has stopped.
+void for_each_part(std::size_t count, const std::function<void(std::size_t)>& work);
 
 // One Hessian per entry of the model's output. With is_batch, sample b is run
 // alone (batch of one) and its entries fill row b of the result. The model
-// runs on the calling thread, then the samples' derivatives on for_each_sample's
+// runs on the calling thread, then the samples' derivatives on for_each_part's
 // threads. prepare and finish(first entry, count) run just before and after
 // each output's rows, so that a result can be cleared and completed while that
 // part is in cache.
@@ -290,7 +291,7 @@ void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor
         outputs.emplace_back(y, base);
         return true;
       });
-  for_each_sample(outputs.size(), [&](std::size_t i) {
+  for_each_part(outputs.size(), [&](std::size_t i) {
     const std::size_t base = outputs[i].second, count = outputs[i].first.numel();
     prepare(base, count);
     hessians_of_entries(outputs[i].first, sel, o, [&](std::size_t first) { return sink_for(base + first); });
