@@ -17,6 +17,8 @@ namespace hesse::detail {
 void release_node(std::shared_ptr<Node>&& node);
 /// A value for Node::epoch no pass or walk has used: marks a traversal's visits.
 std::uint64_t new_epoch();
+/// The sequence number the next recorded node will get (nodes are numbered in creation order).
+std::uint64_t next_node_sequence();
 
 /// A fresh tensor with pooled, uninitialised storage.
 inline Tensor make(const Shape& shape) { return Tensor::empty(shape); }

@@ -61,15 +61,22 @@ std::size_t hessian_memory_limit();
 /// Threads that dense Hessians spread their work over: per-sample Hessians
 /// (model_hessian_matrix and model_hessian_dict with is_batch,
 /// batch_loss_hessian_matrix) their samples, loss_hessian_matrix and
-/// loss_hessian_dict their chunks of rows. 0, the default, means one per
-/// core, once the work left after the first sample or chunk would take long
-/// enough on one thread to pay for starting others (0.2 ms of samples, 2 ms
-/// of rows); a count set here is always used, and 1 keeps all work on the
-/// calling thread. The model always runs on the calling thread (a helper
-/// computing rows gets its own copy of the loss's graph from one more forward
-/// pass); only derivatives are computed in parallel. While helpers run,
-/// OpenBLAS runs on one thread: results agree with one thread's to rounding
-/// (OpenBLAS's products may round differently on one thread than on several).
+/// loss_hessian_dict their chunks of rows. 0, the default, means one per core
+/// this process may run on, once the work left after the first sample or
+/// chunk would take long enough on one thread to pay for starting others
+/// (0.2 ms of samples, 2 ms of rows); a count set here is always used, and 1
+/// keeps all work on the calling thread.
+/// - The model always runs on the calling thread. A helper computing rows
+///   gets its own copy of the loss's graph from one more forward pass (in
+///   eval mode; a model that draws random numbers in forward would differ
+///   between copies). Samples kept for helpers hold at most 16 MB of graphs.
+/// - A backward pass writes into the nodes it runs through, so work whose
+///   graphs share nodes (inputs with a history, tensors a model keeps
+///   between calls) stays on the calling thread.
+/// - While helpers run, OpenBLAS runs on one thread. This is OpenBLAS's
+///   process-wide setting: BLAS calls elsewhere in the program meanwhile run
+///   on one thread too. Results agree with one thread's to rounding
+///   (OpenBLAS's products may round differently on one thread than on several).
 void set_num_threads(std::size_t threads);
 /// The threads Hessians may use (set_num_threads, 0 resolved).
 std::size_t num_threads();

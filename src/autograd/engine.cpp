@@ -110,6 +110,7 @@ EnableGradGuard::~EnableGradGuard() { grad_enabled = previous_; }
 
 namespace detail {
 std::uint64_t new_epoch() { return next_epoch++; }
+std::uint64_t next_node_sequence() { return next_sequence; }
 }  // namespace detail
 
 Node::~Node() {

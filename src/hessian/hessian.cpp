@@ -215,11 +215,12 @@ HessianDict loss_hessian_dict(nn::Module& model, const Criterion& criterion, con
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
   auto run = [&] { return scalar_loss(api, criterion, run_model(api, model, inputs), target); };
+  const std::uint64_t since = next_node_sequence();
   const Tensor loss = run();
   check_memory(api, sel, 1, o);
   HessianDict d = empty_dict(sel, {}, o.diagonal_only);
   const DictBlocks blocks = dict_blocks(d, sel);
-  rows_on_threads(loss, run, sel, o, dict_sink(blocks, 0, sel));
+  rows_on_threads(loss, since, run, sel, o, dict_sink(blocks, 0, sel));
   if (!o.diagonal_only) mirror_dict_blocks(blocks, sel, 0, 1);
   return d;
 }
@@ -230,11 +231,12 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
   auto run = [&] { return scalar_loss(api, criterion, run_model(api, model, inputs), target); };
+  const std::uint64_t since = next_node_sequence();
   const Tensor loss = run();
   check_memory(api, sel, 1, o);
   Tensor h = Tensor::empty({sel.n, sel.n});
   ReachedBlocks reached(sel.params.size());
-  rows_on_threads(loss, run, sel, o, reached.noting(matrix_sink(h.mutable_data(), 0, sel)));
+  rows_on_threads(loss, since, run, sel, o, reached.noting(matrix_sink(h.mutable_data(), 0, sel)));
   complete_matrix(h.mutable_data(), sel, reached, o.diagonal_only);
   return h;
 }
@@ -246,16 +248,18 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
   RequestScope scope(model, sel);
   const std::size_t batches = batch_size(api, inputs, target);
   check_memory(api, sel, batches, o);
-  Tensor h = zeros({batches, sel.n, sel.n});
+  Tensor h = Tensor::empty({batches, sel.n, sel.n});
   double* values = h.mutable_data();
-  std::vector<Tensor> losses(batches);
-  for (std::size_t b = 0; b < batches; ++b)
-    losses[b] = scalar_loss(api, criterion, run_sample(api, model, inputs, b), sample_target(target, b));
-  for_each_part(batches, [&](std::size_t b) {
-    hessian_rows(losses[b], 0, 1, sel, o, matrix_sink(values, b, sel));
-    if (!o.diagonal_only) mirror_upper_blocks(values + b * sel.n * sel.n, sel);
-    losses[b] = Tensor();  // its graph is no longer needed
+  const std::size_t n = sel.n;
+  // each sample's matrix cleared just before its rows arrive, and mirrored right after, while in cache
+  SampleWork samples(batches, [&](const Tensor& loss, std::size_t b) {
+    std::fill_n(values + b * n * n, n * n, 0.0);
+    hessian_rows(loss, 0, 1, sel, o, matrix_sink(values, b, sel));
+    if (!o.diagonal_only) mirror_upper_blocks(values + b * n * n, sel);
   });
+  for (std::size_t b = 0; b < batches; ++b)
+    samples.add(scalar_loss(api, criterion, run_sample(api, model, inputs, b), sample_target(target, b)), b);
+  samples.finish();
   return h;
 }
 

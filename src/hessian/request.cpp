@@ -4,6 +4,7 @@
 #include "request.hpp"
 
 #include <cblas.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -92,12 +93,19 @@ void check_memory(const char* api, const Selection& sel, std::size_t count, cons
   check_bytes(api, "the dense result", dense_bytes(sel, count, o.diagonal_only), sel, count, o);
 }
 
-// Entries of every tensor on y's tape: what one seed carries through a backward pass.
-std::size_t tape_elements(const Tensor& y) {
-  std::size_t total = 0;
-  walk_tape({y}, [&total](const Node& n) { total += numel_of(n.output_shape); }, [](const TensorImpl*) {});
-  return std::max<std::size_t>(total, 1);
+TapeFacts tape_facts(const Tensor& y) {
+  TapeFacts facts;
+  walk_tape(
+      {y},
+      [&facts](const Node& n) {
+        facts.elements += numel_of(n.output_shape);
+        facts.oldest = std::min(facts.oldest, n.sequence);
+      },
+      [](const TensorImpl*) {});
+  return facts;
 }
+
+std::size_t tape_elements(const Tensor& y) { return std::max<std::size_t>(tape_facts(y).elements, 1); }
 
 // Seeds per backward pass: as many as keep one seed's copies of the whole tape
 // near 64k entries (512 KB: elementwise passes stay in cache), but at least 8 so that
@@ -318,21 +326,18 @@ void Crew::finish() {
   if (error_) std::rethrow_exception(error_);
 }
 
-void for_each_part(std::size_t count, const std::function<void(std::size_t)>& work) {
-  if (count == 0) return;
-  SeedReuse reuse;  // every sample's passes take seed batches of the same shapes
-  const auto start = std::chrono::steady_clock::now();
-  work(0);
-  const std::size_t threads =
-      threads_for(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), count - 1,
-                  kPartsWorthThreads);
+namespace {
+
+// work(i) for i in [first, count) on `threads` threads, the calling one among
+// them: each takes the next part not yet taken, until none is left or one failed.
+void spread(std::size_t first, std::size_t count, std::size_t threads,
+            const std::function<void(std::size_t)>& work) {
   if (threads <= 1) {
-    for (std::size_t i = 1; i < count; ++i) work(i);
+    for (std::size_t i = first; i < count; ++i) work(i);
     return;
   }
-  // Each thread takes the next part not yet taken, until none is left or one failed.
   Crew crew;
-  std::atomic<std::size_t> next{1};
+  std::atomic<std::size_t> next{first};
   auto parts = [&] {
     SeedReuse reuse_here;
     for (std::size_t i; !crew.failed() && (i = next++) < count;) work(i);
@@ -343,8 +348,60 @@ void for_each_part(std::size_t count, const std::function<void(std::size_t)>& wo
   crew.finish();
 }
 
-RowQueue::RowQueue(std::function<Tensor()> copy, std::function<void(const Tensor&)> rows)
-    : copy_(std::move(copy)), rows_(std::move(rows)) {}
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+void for_each_part(std::size_t count, const std::function<void(std::size_t)>& work) {
+  if (count == 0) return;
+  const auto start = std::chrono::steady_clock::now();
+  work(0);
+  spread(1, count, threads_for(seconds_since(start), count - 1, kPartsWorthThreads), work);
+}
+
+SampleWork::SampleWork(std::size_t count, std::function<void(const Tensor& y, std::size_t i)> work)
+    : count_(count), work_(std::move(work)), since_(next_node_sequence()) {}
+
+void SampleWork::add(const Tensor& y, std::size_t i) {
+  const std::uint64_t made_since = since_;
+  if (mode_ == Mode::first) {
+    const auto start = std::chrono::steady_clock::now();
+    work_(y, i);
+    threads_ = threads_for(seconds_since(start), count_ - std::min(count_, i + 1), kPartsWorthThreads);
+    mode_ = threads_ > 1 ? Mode::keep : Mode::at_once;
+  } else if (mode_ == Mode::keep) {
+    const TapeFacts facts = tape_facts(y);
+    if (facts.oldest < made_since) {  // shares nodes with what came before it: no threads from here on
+      run_kept();
+      mode_ = Mode::at_once;
+      work_(y, i);
+    } else {
+      kept_.emplace_back(y, i);
+      kept_bytes_ += facts.elements * sizeof(double);
+      if (kept_bytes_ >= kKeptGraphBytes) run_kept();
+    }
+  } else {
+    work_(y, i);
+  }
+  since_ = next_node_sequence();
+}
+
+void SampleWork::run_kept() {
+  spread(0, kept_.size(), std::min(threads_, kept_.size()), [this](std::size_t k) {
+    work_(kept_[k].first, kept_[k].second);
+    kept_[k].first = Tensor();  // its graph is no longer needed
+  });
+  kept_.clear();
+  kept_bytes_ = 0;
+}
+
+void SampleWork::finish() { run_kept(); }
+
+RowQueue::RowQueue(std::function<Tensor()> copy, std::function<void(const Tensor&)> rows, const Tensor& y,
+                   std::uint64_t since)
+    : copy_(std::move(copy)), rows_(std::move(rows)), y_(y), since_(since) {}
 
 std::size_t RowQueue::take() { return crew_.failed() ? std::size_t(-1) : next_++; }
 
@@ -352,15 +409,23 @@ void RowQueue::chunk_done(double seconds, std::size_t left) {
   if (decided_ || std::this_thread::get_id() != caller_) return;
   decided_ = true;
   const std::size_t threads = threads_for(seconds, left, kRowsWorthThreads);
+  if (threads <= 1 || !owns_its_tape(y_, since_)) return;
   for (std::size_t t = 1; t < threads; ++t) {
-    Tensor y = copy_();  // the model runs on this thread
+    Tensor y;
+    try {
+      y = copy_();  // the model runs on this thread
+    } catch (const std::exception&) {  // (out of memory, say) the threads started do the work
+      break;
+    }
     if (!crew_.add([this, y] { rows_(y); })) break;
   }
 }
 
-void rows_on_threads(const Tensor& loss, const std::function<Tensor()>& copy, const Selection& sel,
-                     const HessianOptions& o, const RowSink& sink) {
-  RowQueue queue(copy, [&](const Tensor& loss_copy) { hessian_rows(loss_copy, 0, 1, sel, o, sink, nullptr, &queue); });
+void rows_on_threads(const Tensor& loss, std::uint64_t since, const std::function<Tensor()>& copy,
+                     const Selection& sel, const HessianOptions& o, const RowSink& sink) {
+  RowQueue queue(
+      copy, [&](const Tensor& loss_copy) { hessian_rows(loss_copy, 0, 1, sel, o, sink, nullptr, &queue); }, loss,
+      since);
   hessian_rows(loss, 0, 1, sel, o, sink, nullptr, &queue);
   queue.finish();
 }
@@ -613,7 +678,11 @@ void set_num_threads(std::size_t threads) { detail::requested_threads = threads;
 
 std::size_t num_threads() {
   if (const std::size_t t = detail::requested_threads) return t;
-  static const std::size_t cores = std::max<std::size_t>(1, std::thread::hardware_concurrency());  // reads /sys
+  static const std::size_t cores = [] {  // the cores this process may run on (reads the kernel: once)
+    cpu_set_t allowed;
+    if (sched_getaffinity(0, sizeof allowed, &allowed) == 0) return std::max<std::size_t>(1, CPU_COUNT(&allowed));
+    return std::max<std::size_t>(1, std::thread::hardware_concurrency());
+  }();
   return cores;
 }
 

@@ -62,6 +62,20 @@ std::size_t dense_bytes(const Selection& sel, std::size_t count, bool diagonal_o
 /// A MemoryLimitError naming the bytes, unless they fit the limit.
 void check_memory(const char* api, const Selection& sel, std::size_t count, const HessianOptions& o);
 
+/// What a walk over y's tape finds: the entries of all its tensors (what one
+/// seed carries through a backward pass), and the oldest node's sequence number.
+struct TapeFacts {
+  std::size_t elements = 0;
+  std::uint64_t oldest = UINT64_MAX;
+};
+TapeFacts tape_facts(const Tensor& y);
+/// Whether every node on y's tape was made at or after node sequence `since`
+/// (detail::next_node_sequence() before y's forward pass): then no other
+/// output's passes reach them. Inputs with a history, or tensors a model
+/// keeps between calls, are shared; threads must not run passes over them,
+/// since a pass writes into the nodes it runs through.
+inline bool owns_its_tape(const Tensor& y, std::uint64_t since) { return tape_facts(y).oldest >= since; }
+
 /// Entries of every tensor on y's tape: what one seed carries through a backward pass.
 std::size_t tape_elements(const Tensor& y);
 /// Seeds per backward pass for `rows` rows when one seed carries `per_seed` entries.
@@ -159,8 +173,10 @@ class Crew {
 class RowQueue {
  public:
   /// copy(): the output again, on a graph of its own; rows(y): one thread's
-  /// share of the rows of y (hessian_rows with this queue).
-  RowQueue(std::function<Tensor()> copy, std::function<void(const Tensor&)> rows);
+  /// share of the rows of y (hessian_rows with this queue). Helpers are only
+  /// started when y owns its tape (owns_its_tape(y, since)).
+  RowQueue(std::function<Tensor()> copy, std::function<void(const Tensor&)> rows, const Tensor& y,
+           std::uint64_t since);
   RowQueue(const RowQueue&) = delete;
   RowQueue& operator=(const RowQueue&) = delete;
 
@@ -176,6 +192,8 @@ class RowQueue {
  private:
   std::function<Tensor()> copy_;
   std::function<void(const Tensor&)> rows_;
+  Tensor y_;
+  std::uint64_t since_;
   std::thread::id caller_ = std::this_thread::get_id();
   bool decided_ = false;  // whether helpers are wanted: after the caller's first chunk
   std::atomic<std::size_t> next_{0};
@@ -183,9 +201,10 @@ class RowQueue {
 };
 
 /// hessian_rows of a scalar loss, on as many threads as pay; copy() makes the
-/// loss again on a graph of its own (see RowQueue).
-void rows_on_threads(const Tensor& loss, const std::function<Tensor()>& copy, const Selection& sel,
-                     const HessianOptions& o, const RowSink& sink);
+/// loss again on a graph of its own, and `since` is the node sequence before
+/// the loss's forward pass (see RowQueue).
+void rows_on_threads(const Tensor& loss, std::uint64_t since, const std::function<Tensor()>& copy,
+                     const Selection& sel, const HessianOptions& o, const RowSink& sink);
 /// Hessians of every entry of y, in groups; entry e of y reports as sink_from(first) with first + e.
 void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
                          const std::function<RowSink(std::size_t first)>& sink_from,
@@ -264,12 +283,38 @@ Outputs loss_outputs(const char* api, nn::Module& model, const Criterion& criter
                      const Tensor& target);
 Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o);
 
-/// work(i) for every part i in [0, count) (a sample; a stripe of a matrix),
-/// each on one thread: the first on the calling thread, the others spread
-/// over num_threads() threads when the first took long enough to pay for
-/// starting them. The first exception is rethrown here, after every thread
-/// has stopped.
+/// work(i) for every part i in [0, count) (a stripe of a matrix), each on
+/// one thread: the first on the calling thread, the others spread over
+/// num_threads() threads when the first took long enough to pay for starting
+/// them. The first exception is rethrown here, after every thread has stopped.
 void for_each_part(std::size_t count, const std::function<void(std::size_t)>& work);
+
+/// The derivative work of `count` per-sample outputs, which the calling
+/// thread makes one at a time (the model runs there only) and hands to add()
+/// in order. The first sample's work runs at once and is timed. When the rest
+/// would take long enough to pay for threads, later samples are kept and
+/// their work spread over threads, in waves holding at most kKeptGraphBytes
+/// of graphs, for as long as each kept sample owns its tape (owns_its_tape);
+/// otherwise each sample's work runs at once, on this thread, as before.
+class SampleWork {
+ public:
+  static constexpr std::size_t kKeptGraphBytes = std::size_t(16) << 20;
+  SampleWork(std::size_t count, std::function<void(const Tensor& y, std::size_t i)> work);
+  /// Sample i's output, just made.
+  void add(const Tensor& y, std::size_t i);
+  /// Runs the work still kept; rethrows the first error.
+  void finish();
+
+ private:
+  void run_kept();
+  std::size_t count_;
+  std::function<void(const Tensor&, std::size_t)> work_;
+  std::uint64_t since_;  // the node sequence before the next sample's forward pass
+  enum class Mode { first, keep, at_once } mode_ = Mode::first;
+  std::size_t threads_ = 1;
+  std::vector<std::pair<Tensor, std::size_t>> kept_;
+  std::size_t kept_bytes_ = 0;
+};
 
 // One Hessian per entry of the model's output. With is_batch, sample b is run
 // alone (batch of one) and its entries fill row b of the result. The model
@@ -281,23 +326,22 @@ template <class MakeResult, class SinkFor, class Prepare, class Finish>
 void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const Selection& sel,
                     const HessianOptions& o, MakeResult make_result, SinkFor sink_for, Prepare prepare,
                     Finish finish) {
-  std::vector<std::pair<Tensor, std::size_t>> outputs;  // (output, base), one per sample
+  SampleWork samples(o.is_batch ? batch_size(api, inputs) : 1, [&](const Tensor& y, std::size_t i) {
+    const std::size_t base = i * y.numel();
+    prepare(base, y.numel());
+    hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(base + first); });
+    finish(base, y.numel());
+  });
   model_outputs(api, model, inputs, o)(
       [&](const Shape& lead) {
         check_memory(api, sel, numel_of(lead), o);
         make_result(lead);
       },
-      [&](const Tensor& y, std::size_t base) {
-        outputs.emplace_back(y, base);
+      [&, i = std::size_t(0)](const Tensor& y, std::size_t) mutable {
+        samples.add(y, i++);  // entries start at i * y.numel()
         return true;
       });
-  for_each_part(outputs.size(), [&](std::size_t i) {
-    const std::size_t base = outputs[i].second, count = outputs[i].first.numel();
-    prepare(base, count);
-    hessians_of_entries(outputs[i].first, sel, o, [&](std::size_t first) { return sink_for(base + first); });
-    finish(base, count);
-    outputs[i].first = Tensor();  // its graph is no longer needed
-  });
+  samples.finish();
 }
 
 /// The position of `name` in `names`, or a ValueError naming `api` and the known names.
