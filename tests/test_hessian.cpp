@@ -804,11 +804,14 @@ BOOST_AUTO_TEST_CASE(per_sample_model_hessians_equal_full_batch_ones) {
 struct WatchesItsThreads : nn::Module {
   Tensor W;
   std::thread::id only_on;  // none: any thread
+  bool keeps_a_node = false;  // W · 1 made on the first call, used by every later one
+  Tensor kept;
   std::shared_ptr<std::mutex> mutex = std::make_shared<std::mutex>();
   std::shared_ptr<std::set<std::thread::id>> threads = std::make_shared<std::set<std::thread::id>>();
   WatchesItsThreads() { W = register_parameter("W", Tensor{{0.5, -1.0}, {2.0, 0.25}}); }
   Tensor forward(const std::vector<Tensor>& in) override {
-    const Tensor y = tanh(matmul(in[0], W));
+    if (keeps_a_node && !kept.defined()) kept = W * 1.0;
+    const Tensor y = tanh(matmul(in[0], keeps_a_node ? kept : W));
     const bool refuse = in[0].data()[0] < 0;
     auto m = mutex;
     auto ids = threads;
@@ -1016,6 +1019,29 @@ BOOST_AUTO_TEST_CASE(threads_leave_shared_graphs_alone) {
   BOOST_TEST(model.threads->count(std::this_thread::get_id()) == 1u);
   // and the inputs' share of the curvature is there: without their history it differs
   BOOST_CHECK_GT(max_abs(model_one - model_hessian_matrix(model, {with_history.detach()})), 1e-3);
+
+  // a model that keeps a node between calls: every sample, and every copy of
+  // the loss's graph, reaches the node its first call made
+  for (const bool per_sample : {true, false}) {
+    BOOST_TEST_CONTEXT("per sample " << per_sample) {
+      WatchesItsThreads keeper;
+      keeper.keeps_a_node = true;
+      auto request = [&] {
+        return per_sample ? model_hessian_matrix(keeper, {x}) : loss_hessian_matrix(keeper, mse, {x}, zeros({6, 2}), one_row);
+      };
+      Tensor alone;
+      {
+        ThreadCount one_thread(1);
+        alone = request();
+      }
+      keeper.threads->clear();
+      keeper.kept = Tensor();  // made again by the request's first call
+      ThreadCount three(3);
+      CHECK_EXACT(request(), alone);
+      BOOST_TEST(keeper.threads->size() == 1u);
+      BOOST_CHECK_GT(max_abs(alone), 0.01);
+    }
+  }
 }
 
 BOOST_AUTO_TEST_CASE(the_thread_count_defaults_to_the_cores) {

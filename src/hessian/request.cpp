@@ -410,15 +410,22 @@ void RowQueue::chunk_done(double seconds, std::size_t left) {
   decided_ = true;
   const std::size_t threads = threads_for(seconds, left, kRowsWorthThreads);
   if (threads <= 1 || !owns_its_tape(y_, since_)) return;
+  // Every copy is made and checked before any helper starts: a check walks the
+  // copy's tape, which must not race with a helper's pass over shared nodes.
+  std::vector<Tensor> copies;
   for (std::size_t t = 1; t < threads; ++t) {
+    const std::uint64_t since = next_node_sequence();
     Tensor y;
     try {
       y = copy_();  // the model runs on this thread
-    } catch (const std::exception&) {  // (out of memory, say) the threads started do the work
+    } catch (const std::exception&) {  // (out of memory, say) fewer helpers
       break;
     }
-    if (!crew_.add([this, y] { rows_(y); })) break;
+    if (!owns_its_tape(y, since)) break;  // the model keeps nodes between calls
+    copies.push_back(std::move(y));
   }
+  for (const Tensor& y : copies)
+    if (!crew_.add([this, y] { rows_(y); })) break;
 }
 
 void rows_on_threads(const Tensor& loss, std::uint64_t since, const std::function<Tensor()>& copy,
