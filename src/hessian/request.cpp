@@ -166,6 +166,14 @@ Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones) {
   return values;
 }
 
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
 void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const Selection& sel,
                   const HessianOptions& o, const RowSink& sink, const std::vector<bool>* wanted_blocks,
                   RowQueue* queue) {
@@ -217,7 +225,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
   std::size_t next = 0;
   auto take = [&] { return queue ? queue->take() : next++; };
   for (std::size_t c = take(); c < chunks.size(); c = take()) {
-    const auto start = std::chrono::steady_clock::now();
+    const auto start = queue ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
     const auto [p, t0, k] = chunks[c];
     std::vector<std::pair<std::size_t, std::size_t>> picks(k);  // (entry, row of p) of each seed
     ones.resize(k);
@@ -234,8 +242,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
       for (std::size_t i = 0; i < k; ++i) sink(picks[i].first, p, picks[i].second, q, values + i * sel.sizes[q]);
     }
     progress.update(rows_done += k);
-    if (queue) queue->chunk_done(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-                                 chunks.size() - std::min(chunks.size(), c + 1));
+    if (queue) queue->chunk_done(seconds_since(start), chunks.size() - std::min(chunks.size(), c + 1));
   }
 }
 
@@ -346,10 +353,6 @@ void spread(std::size_t first, std::size_t count, std::size_t threads,
   }
   crew.run(parts);
   crew.finish();
-}
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 }  // namespace
