@@ -1167,6 +1167,8 @@ BOOST_AUTO_TEST_CASE(dense_results_do_not_depend_on_recycled_memory) {
       {"model diagonal_only", [&] { return model_hessian_matrix(*net, {x}, diagonal); }},
       {"model whole batch", [&] { return model_hessian_matrix(*net, {x}, whole_batch); }},
       {"model unused", [&] { return model_hessian_matrix(unused, {xu}); }},
+      {"model subset", [&] { return model_hessian_matrix(*net, {x}, subset); }},
+      {"batch loss unused", [&] { return batch_loss_hessian_matrix(unused, mse, {xu}, tu); }},
   };
   for (const auto& [name, request] : requests) {
     BOOST_TEST_CONTEXT(name) {
