@@ -31,6 +31,9 @@
 
 #include "../examples/mimo_model.hpp"
 
+// last: its termios macros (B0, ...) clash with LAPACK's parameter names
+#include <pty.h>
+
 using namespace hesse;
 using hesse::testing::max_abs_diff;
 namespace fs = std::filesystem;
@@ -816,6 +819,8 @@ BOOST_AUTO_TEST_CASE(per_sample_model_hessians_equal_full_batch_ones) {
 struct WatchesItsThreads : nn::Module {
   Tensor W;
   std::thread::id only_on;  // none: any thread
+  std::chrono::milliseconds off_caller_delay{0};  // the rule's delay on threads other than the constructing one
+  std::thread::id caller = std::this_thread::get_id();
   bool keeps_a_node = false;  // W · 1 made on the first call, used by every later one
   Tensor kept;
   // A sample whose first input is this one waits, once and at most 10 s, until
@@ -837,7 +842,8 @@ struct WatchesItsThreads : nn::Module {
     const bool refuse = in[0].data()[0] < 0;
     const bool waits = in[0].data()[0] == waits_for_a_helper;
     auto s = seen;
-    const std::thread::id only = only_on;
+    const std::thread::id only = only_on, home = caller;
+    const auto delay = off_caller_delay;
     return detail::record("watched", y.detach() * 1.0, {y}, [=](const Tensor& g, const Tensor&, Needs) {
       {
         std::unique_lock<std::mutex> lock(s->mutex);
@@ -849,6 +855,7 @@ struct WatchesItsThreads : nn::Module {
         }
       }
       std::this_thread::sleep_for(std::chrono::microseconds(500));
+      if (std::this_thread::get_id() != home) std::this_thread::sleep_for(delay);
       if (refuse) throw ValueError("watched: refuses a negative sample");
       if (only != std::thread::id() && std::this_thread::get_id() != only)
         throw ValueError("watched: refuses to run off the caller's thread");
@@ -980,6 +987,41 @@ BOOST_AUTO_TEST_CASE(a_loss_hessians_rows_are_spread_over_threads) {
   one_row.chunk_size = 1;
   const Tensor h = loss_hessian_matrix(model, mse, {xw}, zeros({3, 2}), one_row);
   BOOST_TEST(model.threads->size() > 1u);
+  BOOST_CHECK_GT(max_abs(h), 0.01);
+}
+
+// The calling thread reports the progress of a request until its helpers are
+// done, to the last row, even when it has no rows left to compute itself.
+BOOST_AUTO_TEST_CASE(a_threaded_requests_progress_runs_to_the_last_row) {
+  int terminal = -1, its_side = -1;
+  BOOST_REQUIRE(openpty(&terminal, &its_side, nullptr, nullptr, nullptr) == 0);
+  WatchesItsThreads model;
+  model.off_caller_delay = std::chrono::milliseconds(1000);  // past the report's first 0.5 s
+  const Tensor x = Tensor{{1.0, 2.0}, {0.5, 3.0}, {1.5, -1.0}};
+  HessianOptions one_row;
+  one_row.chunk_size = 1;
+  ThreadCount threads(2);
+  std::fflush(stderr);
+  const int saved_stderr = dup(STDERR_FILENO);
+  dup2(its_side, STDERR_FILENO);
+  Tensor h;
+  try {
+    h = loss_hessian_matrix(model, nn::MSELoss(), {x}, zeros({3, 2}), one_row);
+  } catch (...) {
+    dup2(saved_stderr, STDERR_FILENO);
+    throw;
+  }
+  std::fflush(stderr);
+  dup2(saved_stderr, STDERR_FILENO);
+  close(saved_stderr);
+  close(its_side);
+  std::string printed;
+  char buffer[4096];
+  for (ssize_t got; (got = read(terminal, buffer, sizeof buffer)) > 0;) printed.append(buffer, std::size_t(got));
+  close(terminal);
+  BOOST_TEST_MESSAGE("progress: " << printed);
+  BOOST_TEST(printed.find("hesse: Hessian rows 4/4") != std::string::npos);
+  BOOST_TEST(model.threads->size() == 2u);  // the helper did run
   BOOST_CHECK_GT(max_abs(h), 0.01);
 }
 

@@ -244,6 +244,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
     progress.update(rows_done += k);
     if (queue) queue->chunk_done(seconds_since(start), chunks.size() - std::min(chunks.size(), c + 1));
   }
+  if (queue) queue->wait_for_helpers([&] { progress.update(rows_done); });  // the report runs to the end
 }
 
 namespace {
@@ -298,10 +299,17 @@ bool Crew::add(std::function<void()> work) {
   try {
     if (!blas_) blas_ = std::make_unique<OneBlasThread>();
     helpers_.reserve(helpers_.size() + 1);
+    std::lock_guard<std::mutex> lock(mutex_);
     helpers_.emplace_back([this, work = std::move(work)] {
-      MutedProgress muted;  // the calling thread reports
-      run(work);
+      {
+        MutedProgress muted;  // the calling thread reports
+        run(work);
+      }
+      std::lock_guard<std::mutex> lock(mutex_);
+      --running_;
+      helper_returned_.notify_all();
     });
+    ++running_;
     return true;
   } catch (...) {  // no thread to be had: the running ones do its part
     return false;
@@ -313,6 +321,16 @@ void Crew::run(const std::function<void()>& work) {
     work();
   } catch (...) {
     keep(std::current_exception());
+  }
+}
+
+void Crew::wait(const std::function<void()>& meanwhile) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (running_ > 0) {
+    if (helper_returned_.wait_for(lock, std::chrono::milliseconds(200), [this] { return running_ == 0; })) break;
+    lock.unlock();
+    meanwhile();
+    lock.lock();
   }
 }
 
@@ -429,6 +447,10 @@ void RowQueue::chunk_done(double seconds, std::size_t left) {
   }
   for (const Tensor& y : copies)
     if (!crew_.add([this, y] { rows_(y); })) break;
+}
+
+void RowQueue::wait_for_helpers(const std::function<void()>& report) {
+  if (std::this_thread::get_id() == caller_) crew_.wait(report);
 }
 
 void rows_on_threads(const Tensor& loss, std::uint64_t since, const std::function<Tensor()>& copy,

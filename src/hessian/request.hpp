@@ -3,6 +3,7 @@
 // the parameter selection, the scope that prepares the model, input checks,
 // memory accounting, and the batched row engine behind every dense result.
 #include <atomic>
+#include <condition_variable>
 #include <cstddef>
 #include <exception>
 #include <functional>
@@ -151,6 +152,8 @@ class Crew {
   /// work() on this thread, its exception kept like a helper's.
   void run(const std::function<void()>& work);
   bool failed() const { return failed_; }
+  /// Until every helper has returned, calls meanwhile() a few times a second.
+  void wait(const std::function<void()>& meanwhile);
   /// Waits for the helpers; rethrows the first exception.
   void finish();
 
@@ -161,6 +164,8 @@ class Crew {
   std::unique_ptr<OneBlasThread> blas_;  // while helpers run
   std::atomic<bool> failed_{false};
   std::mutex mutex_;
+  std::condition_variable helper_returned_;
+  std::size_t running_ = 0;  // helpers not yet returned (under mutex_)
   std::exception_ptr error_;
 };
 
@@ -184,6 +189,9 @@ class RowQueue {
   std::size_t take();
   /// A thread finished a chunk in `seconds`, with `left` chunks after it.
   void chunk_done(double seconds, std::size_t left);
+  /// On the calling thread, once it has no chunk left: until the helpers
+  /// are done, calls report() a few times a second (helpers report nothing).
+  void wait_for_helpers(const std::function<void()>& report);
   /// Waits for the helpers; rethrows the first error any thread met.
   void finish() { crew_.finish(); }
 
