@@ -19,10 +19,14 @@ class Progress {
   void update(std::size_t done, const std::string& note = "");
 
  private:
+  void print(std::chrono::steady_clock::time_point now);
   std::string label_;
   std::size_t total_;
   bool active_;
   bool printed_ = false;
+  std::size_t done_ = 0;  // as last updated, printed or not: the last line shows the end
+  std::string note_;
+  bool shown_ = false;  // whether the line on screen shows done_ and note_
   std::chrono::steady_clock::time_point start_, last_;
 };
 

@@ -13,12 +13,14 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -819,7 +821,8 @@ BOOST_AUTO_TEST_CASE(per_sample_model_hessians_equal_full_batch_ones) {
 struct WatchesItsThreads : nn::Module {
   Tensor W;
   std::thread::id only_on;  // none: any thread
-  std::chrono::milliseconds off_caller_delay{0};  // the rule's delay on threads other than the constructing one
+  std::chrono::milliseconds delay{0};             // the rule's delay on every thread
+  std::chrono::milliseconds off_caller_delay{0};  // and on threads other than the constructing one
   std::thread::id caller = std::this_thread::get_id();
   bool keeps_a_node = false;  // W · 1 made on the first call, used by every later one
   Tensor kept;
@@ -843,7 +846,7 @@ struct WatchesItsThreads : nn::Module {
     const bool waits = in[0].data()[0] == waits_for_a_helper;
     auto s = seen;
     const std::thread::id only = only_on, home = caller;
-    const auto delay = off_caller_delay;
+    const auto everywhere = delay, off_caller = off_caller_delay;
     return detail::record("watched", y.detach() * 1.0, {y}, [=](const Tensor& g, const Tensor&, Needs) {
       {
         std::unique_lock<std::mutex> lock(s->mutex);
@@ -855,7 +858,8 @@ struct WatchesItsThreads : nn::Module {
         }
       }
       std::this_thread::sleep_for(std::chrono::microseconds(500));
-      if (std::this_thread::get_id() != home) std::this_thread::sleep_for(delay);
+      std::this_thread::sleep_for(everywhere);
+      if (std::this_thread::get_id() != home) std::this_thread::sleep_for(off_caller);
       if (refuse) throw ValueError("watched: refuses a negative sample");
       if (only != std::thread::id() && std::this_thread::get_id() != only)
         throw ValueError("watched: refuses to run off the caller's thread");
@@ -990,26 +994,18 @@ BOOST_AUTO_TEST_CASE(a_loss_hessians_rows_are_spread_over_threads) {
   BOOST_CHECK_GT(max_abs(h), 0.01);
 }
 
-// The calling thread reports the progress of a request until its helpers are
-// done, to the last row, even when it has no rows left to compute itself.
-BOOST_AUTO_TEST_CASE(a_threaded_requests_progress_runs_to_the_last_row) {
+/// What `request` prints on stderr while stderr is a terminal (a pseudo-terminal).
+std::string printed_on_a_terminal(const std::function<void()>& request) {
   int terminal = -1, its_side = -1;
-  BOOST_REQUIRE(openpty(&terminal, &its_side, nullptr, nullptr, nullptr) == 0);
-  WatchesItsThreads model;
-  model.off_caller_delay = std::chrono::milliseconds(1000);  // past the report's first 0.5 s
-  const Tensor x = Tensor{{1.0, 2.0}, {0.5, 3.0}, {1.5, -1.0}};
-  HessianOptions one_row;
-  one_row.chunk_size = 1;
-  ThreadCount threads(2);
+  if (openpty(&terminal, &its_side, nullptr, nullptr, nullptr) != 0) throw std::runtime_error("openpty failed");
   std::fflush(stderr);
   const int saved_stderr = dup(STDERR_FILENO);
   dup2(its_side, STDERR_FILENO);
-  Tensor h;
+  std::exception_ptr error;
   try {
-    h = loss_hessian_matrix(model, nn::MSELoss(), {x}, zeros({3, 2}), one_row);
+    request();
   } catch (...) {
-    dup2(saved_stderr, STDERR_FILENO);
-    throw;
+    error = std::current_exception();
   }
   std::fflush(stderr);
   dup2(saved_stderr, STDERR_FILENO);
@@ -1019,10 +1015,52 @@ BOOST_AUTO_TEST_CASE(a_threaded_requests_progress_runs_to_the_last_row) {
   char buffer[4096];
   for (ssize_t got; (got = read(terminal, buffer, sizeof buffer)) > 0;) printed.append(buffer, std::size_t(got));
   close(terminal);
+  if (error) std::rethrow_exception(error);
+  return printed;
+}
+
+// The calling thread reports the progress of a request until its helpers are
+// done, to the last row, even when it has no rows left to compute itself.
+BOOST_AUTO_TEST_CASE(a_threaded_requests_progress_runs_to_the_last_row) {
+  WatchesItsThreads model;
+  model.off_caller_delay = std::chrono::milliseconds(1000);  // past the report's first 0.5 s
+  const Tensor x = Tensor{{1.0, 2.0}, {0.5, 3.0}, {1.5, -1.0}};
+  HessianOptions one_row;
+  one_row.chunk_size = 1;
+  ThreadCount threads(2);
+  Tensor h;
+  const std::string printed =
+      printed_on_a_terminal([&] { h = loss_hessian_matrix(model, nn::MSELoss(), {x}, zeros({3, 2}), one_row); });
   BOOST_TEST_MESSAGE("progress: " << printed);
   BOOST_TEST(printed.find("hesse: Hessian rows 4/4") != std::string::npos);
   BOOST_TEST(model.threads->size() == 2u);  // the helper did run
   BOOST_CHECK_GT(max_abs(h), 0.01);
+}
+
+// A batch of per-sample Hessians reports the samples done, on any thread count,
+// and its last line shows them all.
+BOOST_AUTO_TEST_CASE(a_batch_reports_the_samples_done) {
+  WatchesItsThreads model;
+  model.delay = std::chrono::milliseconds(150);  // per sample: 6 of them pass the report's first 0.5 s
+  const Tensor x = Tensor{{1.0, 2.0}, {0.5, 3.0}, {1.5, -1.0}, {2.0, 0.5}, {0.25, 1.0}, {3.0, 2.0}};
+  for (const std::size_t count : {1, 2}) {
+    BOOST_TEST_CONTEXT(count << " threads") {
+      ThreadCount threads(count);
+      // a helper's sample ends last: the caller's own reports stop before it
+      model.off_caller_delay = std::chrono::milliseconds(600);
+      Tensor h;
+      const std::string printed = printed_on_a_terminal([&] { h = model_hessian_matrix(model, {x}); });
+      BOOST_TEST_MESSAGE("progress: " << printed);
+      const std::size_t last = printed.rfind("hesse: per-sample Hessians ");
+      BOOST_REQUIRE(last != std::string::npos);
+      BOOST_TEST(printed.substr(last, 31) == "hesse: per-sample Hessians 6/6 ");
+      BOOST_CHECK_GT(max_abs(h), 0.1);
+    }
+  }
+  // and says nothing when asked not to
+  HessianOptions quiet;
+  quiet.progress = false;
+  BOOST_TEST(printed_on_a_terminal([&] { model_hessian_matrix(model, {x}, quiet); }).empty());
 }
 
 // A sample that fails on a helper thread fails the request with its own error,

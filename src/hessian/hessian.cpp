@@ -252,7 +252,7 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
   double* values = h.mutable_data();
   const std::size_t n = sel.n;
   // each sample's matrix cleared just before its rows arrive, and mirrored right after, while in cache
-  SampleWork samples(batches, [&](const Tensor& loss, std::size_t b) {
+  SampleWork samples(batches, o.progress, [&](const Tensor& loss, std::size_t b) {
     std::fill_n(values + b * n * n, n * n, 0.0);
     hessian_rows(loss, 0, 1, sel, o, matrix_sink(values, b, sel));
     if (!o.diagonal_only) mirror_upper_blocks(values + b * n * n, sel);

@@ -382,14 +382,29 @@ void for_each_part(std::size_t count, const std::function<void(std::size_t)>& wo
   spread(1, count, threads_for(seconds_since(start), count - 1, kPartsWorthThreads), work);
 }
 
-SampleWork::SampleWork(std::size_t count, std::function<void(const Tensor& y, std::size_t i)> work)
-    : count_(count), work_(std::move(work)), since_(next_node_sequence()) {}
+SampleWork::SampleWork(std::size_t count, bool progress, std::function<void(const Tensor& y, std::size_t i)> work)
+    : count_(count),
+      work_(std::move(work)),
+      progress_(count > 1 ? std::make_unique<Progress>("per-sample Hessians", count, progress) : nullptr),
+      since_(next_node_sequence()) {}
+
+SampleWork::~SampleWork() = default;
+
+void SampleWork::run(const Tensor& y, std::size_t i) {
+  if (!progress_) return work_(y, i);
+  {
+    MutedProgress quiet;  // one report for the whole batch
+    work_(y, i);
+  }
+  const std::size_t done = ++done_;
+  if (std::this_thread::get_id() == caller_) progress_->update(done);
+}
 
 void SampleWork::add(const Tensor& y, std::size_t i) {
   const std::uint64_t made_since = since_;
   if (mode_ == Mode::first) {
     const auto start = std::chrono::steady_clock::now();
-    work_(y, i);
+    run(y, i);
     threads_ = threads_for(seconds_since(start), count_ - std::min(count_, i + 1), kPartsWorthThreads);
     mode_ = threads_ > 1 ? Mode::keep : Mode::at_once;
   } else if (mode_ == Mode::keep) {
@@ -397,28 +412,31 @@ void SampleWork::add(const Tensor& y, std::size_t i) {
     if (facts.oldest < made_since) {  // shares nodes with what came before it: no threads from here on
       run_kept();
       mode_ = Mode::at_once;
-      work_(y, i);
+      run(y, i);
     } else {
       kept_.emplace_back(y, i);
       kept_bytes_ += facts.elements * sizeof(double);
       if (kept_bytes_ >= kKeptGraphBytes) run_kept();
     }
   } else {
-    work_(y, i);
+    run(y, i);
   }
   since_ = next_node_sequence();
 }
 
 void SampleWork::run_kept() {
   spread(0, kept_.size(), std::min(threads_, kept_.size()), [this](std::size_t k) {
-    work_(kept_[k].first, kept_[k].second);
+    run(kept_[k].first, kept_[k].second);
     kept_[k].first = Tensor();  // its graph is no longer needed
   });
   kept_.clear();
   kept_bytes_ = 0;
 }
 
-void SampleWork::finish() { run_kept(); }
+void SampleWork::finish() {
+  run_kept();
+  if (progress_) progress_->update(done_);  // every helper is done: the count is final
+}
 
 RowQueue::RowQueue(std::function<Tensor()> copy, std::function<void(const Tensor&)> rows, const Tensor& y,
                    std::uint64_t since)

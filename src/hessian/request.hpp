@@ -134,6 +134,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
                   RowQueue* queue = nullptr);
 
 class OneBlasThread;
+class Progress;
 
 /// Helper threads working beside the calling one. The first exception any
 /// of them (or the caller, through run()) throws is kept, and failed() tells
@@ -304,19 +305,26 @@ void for_each_part(std::size_t count, const std::function<void(std::size_t)>& wo
 /// their work spread over threads, in waves holding at most kKeptGraphBytes
 /// of graphs, for as long as each kept sample owns its tape (owns_its_tape);
 /// otherwise each sample's work runs at once, on this thread, as before.
+/// With more than one sample, the calling thread reports the samples done
+/// (`progress`), and the reports of each sample's work stay silent.
 class SampleWork {
  public:
   static constexpr std::size_t kKeptGraphBytes = std::size_t(16) << 20;
-  SampleWork(std::size_t count, std::function<void(const Tensor& y, std::size_t i)> work);
+  SampleWork(std::size_t count, bool progress, std::function<void(const Tensor& y, std::size_t i)> work);
+  ~SampleWork();
   /// Sample i's output, just made.
   void add(const Tensor& y, std::size_t i);
   /// Runs the work still kept; rethrows the first error.
   void finish();
 
  private:
+  void run(const Tensor& y, std::size_t i);
   void run_kept();
   std::size_t count_;
   std::function<void(const Tensor&, std::size_t)> work_;
+  std::unique_ptr<Progress> progress_;
+  std::atomic<std::size_t> done_{0};
+  std::thread::id caller_ = std::this_thread::get_id();
   std::uint64_t since_;  // the node sequence before the next sample's forward pass
   enum class Mode { first, keep, at_once } mode_ = Mode::first;
   std::size_t threads_ = 1;
@@ -334,7 +342,7 @@ template <class MakeResult, class SinkFor, class Prepare, class Finish>
 void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const Selection& sel,
                     const HessianOptions& o, MakeResult make_result, SinkFor sink_for, Prepare prepare,
                     Finish finish) {
-  SampleWork samples(o.is_batch ? batch_size(api, inputs) : 1, [&](const Tensor& y, std::size_t i) {
+  SampleWork samples(o.is_batch ? batch_size(api, inputs) : 1, o.progress, [&](const Tensor& y, std::size_t i) {
     const std::size_t base = i * y.numel();
     prepare(base, y.numel());
     hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(base + first); });
