@@ -41,7 +41,8 @@ struct HessianOptions {
   /// Refuse, before allocating, a dense result larger than this (0 = the global
   /// default, see set_hessian_memory_limit).
   std::size_t max_bytes = 0;
-  /// Long requests report their progress on stderr when it is a terminal.
+  /// Long requests report their progress on stderr when it is a terminal: the
+  /// rows of one Hessian, or the samples done of a batch.
   bool progress = true;
   /// Sharpness only: when the dense Hessians would exceed the limit, use
   /// matrix-free Lanczos instead (and say so through the notice handler).
