@@ -332,6 +332,8 @@ void Crew::wait(const std::function<void()>& meanwhile) {
     meanwhile();
     lock.lock();
   }
+  lock.unlock();
+  meanwhile();  // once more, for the helpers' last work
 }
 
 void Crew::keep(std::exception_ptr error) {
@@ -354,9 +356,11 @@ void Crew::finish() {
 namespace {
 
 // work(i) for i in [first, count) on `threads` threads, the calling one among
-// them: each takes the next part not yet taken, until none is left or one failed.
+// them: each takes the next part not yet taken, until none is left or one
+// failed. The calling thread, out of parts, calls `meanwhile` (when given) a
+// few times a second until the helpers are done.
 void spread(std::size_t first, std::size_t count, std::size_t threads,
-            const std::function<void(std::size_t)>& work) {
+            const std::function<void(std::size_t)>& work, const std::function<void()>& meanwhile = nullptr) {
   if (threads <= 1) {
     for (std::size_t i = first; i < count; ++i) work(i);
     return;
@@ -370,6 +374,7 @@ void spread(std::size_t first, std::size_t count, std::size_t threads,
   for (std::size_t t = 1; t < threads && crew.add(parts); ++t) {
   }
   crew.run(parts);
+  if (meanwhile) crew.wait(meanwhile);
   crew.finish();
 }
 
@@ -425,18 +430,19 @@ void SampleWork::add(const Tensor& y, std::size_t i) {
 }
 
 void SampleWork::run_kept() {
-  spread(0, kept_.size(), std::min(threads_, kept_.size()), [this](std::size_t k) {
-    run(kept_[k].first, kept_[k].second);
-    kept_[k].first = Tensor();  // its graph is no longer needed
-  });
+  const std::function<void()> report = [this] { progress_->update(done_); };
+  spread(
+      0, kept_.size(), std::min(threads_, kept_.size()),
+      [this](std::size_t k) {
+        run(kept_[k].first, kept_[k].second);
+        kept_[k].first = Tensor();  // its graph is no longer needed
+      },
+      progress_ ? report : nullptr);
   kept_.clear();
   kept_bytes_ = 0;
 }
 
-void SampleWork::finish() {
-  run_kept();
-  if (progress_) progress_->update(done_);  // every helper is done: the count is final
-}
+void SampleWork::finish() { run_kept(); }
 
 RowQueue::RowQueue(std::function<Tensor()> copy, std::function<void(const Tensor&)> rows, const Tensor& y,
                    std::uint64_t since)

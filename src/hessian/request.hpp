@@ -153,7 +153,8 @@ class Crew {
   /// work() on this thread, its exception kept like a helper's.
   void run(const std::function<void()>& work);
   bool failed() const { return failed_; }
-  /// Until every helper has returned, calls meanwhile() a few times a second.
+  /// Until every helper has returned, calls meanwhile() a few times a second;
+  /// then once more.
   void wait(const std::function<void()>& meanwhile);
   /// Waits for the helpers; rethrows the first exception.
   void finish();
