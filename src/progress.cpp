@@ -13,7 +13,7 @@ MutedProgress::MutedProgress() : previous_(muted) { muted = true; }
 MutedProgress::~MutedProgress() { muted = previous_; }
 
 Progress::Progress(std::string label, std::size_t total, bool enabled)
-    : label_(std::move(label)), total_(total), active_(enabled && !muted && isatty(STDERR_FILENO) == 1),
+    : label_(std::move(label)), total_(total), active_(enabled && !muted),
       start_(std::chrono::steady_clock::now()), last_(start_) {}
 
 Progress::~Progress() {
@@ -32,6 +32,10 @@ void Progress::update(std::size_t done, const std::string& note) {
   const auto now = std::chrono::steady_clock::now();
   // a short run says nothing; a long one refreshes a few times a second
   if (now - start_ < std::chrono::milliseconds(500) || now - last_ < std::chrono::milliseconds(200)) return;
+  if (!printed_ && isatty(STDERR_FILENO) != 1) {  // asked only now: most requests are short, and it is a system call
+    active_ = false;
+    return;
+  }
   last_ = now;
   printed_ = true;
   print(now);
