@@ -691,7 +691,7 @@ void check_sample_output(const char* api, const Tensor& y, std::size_t b, const 
 Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o) {
   return [=, &model, &inputs](const StartFn& start, const OutputFn& each) {
     SeedReuse reuse;  // every sample's (and entry group's) passes take seed batches of the same shapes
-    const std::size_t batches = o.is_batch ? batch_size(api, inputs) : 1;
+    const std::size_t batches = output_count(api, inputs, o);
     Shape first;
     for (std::size_t b = 0; b < batches; ++b) {
       const Tensor y = o.is_batch ? run_sample(api, model, inputs, b) : run_model(api, model, inputs);
@@ -705,6 +705,20 @@ Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tens
       if (!each(y, b * y.numel())) return;
     }
   };
+}
+
+std::size_t output_count(const char* api, const std::vector<Tensor>& inputs, const HessianOptions& o) {
+  return o.is_batch ? batch_size(api, inputs) : 1;
+}
+
+void work_on_outputs(const Outputs& outputs, std::size_t count, const HessianOptions& o, const StartFn& start,
+                     const std::function<void(const Tensor& y, std::size_t base)>& work) {
+  SampleWork samples(count, o.progress, [&](const Tensor& y, std::size_t i) { work(y, i * y.numel()); });
+  outputs(start, [&, i = std::size_t(0)](const Tensor& y, std::size_t) mutable {
+    samples.add(y, i++);  // entries start at i * y.numel()
+    return true;
+  });
+  samples.finish();
 }
 
 void check_bytes(const char* api, const std::string& what, std::size_t bytes, const Selection& sel,

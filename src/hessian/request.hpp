@@ -333,6 +333,14 @@ class SampleWork {
   std::size_t kept_bytes_ = 0;
 };
 
+/// Visits `count` outputs (the samples of a model request, or its one output)
+/// and hands each one's work(y, base) to a SampleWork: start(lead) runs first,
+/// on this thread; the work may run on helper threads.
+void work_on_outputs(const Outputs& outputs, std::size_t count, const HessianOptions& o, const StartFn& start,
+                     const std::function<void(const Tensor& y, std::size_t base)>& work);
+/// The outputs model_outputs visits: the samples with is_batch, else one.
+std::size_t output_count(const char* api, const std::vector<Tensor>& inputs, const HessianOptions& o);
+
 // One Hessian per entry of the model's output. With is_batch, sample b is run
 // alone (batch of one) and its entries fill row b of the result. The model
 // runs on the calling thread, then the samples' derivatives on for_each_part's
@@ -343,22 +351,17 @@ template <class MakeResult, class SinkFor, class Prepare, class Finish>
 void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const Selection& sel,
                     const HessianOptions& o, MakeResult make_result, SinkFor sink_for, Prepare prepare,
                     Finish finish) {
-  SampleWork samples(o.is_batch ? batch_size(api, inputs) : 1, o.progress, [&](const Tensor& y, std::size_t i) {
-    const std::size_t base = i * y.numel();
-    prepare(base, y.numel());
-    hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(base + first); });
-    finish(base, y.numel());
-  });
-  model_outputs(api, model, inputs, o)(
+  work_on_outputs(
+      model_outputs(api, model, inputs, o), output_count(api, inputs, o), o,
       [&](const Shape& lead) {
         check_memory(api, sel, numel_of(lead), o);
         make_result(lead);
       },
-      [&, i = std::size_t(0)](const Tensor& y, std::size_t) mutable {
-        samples.add(y, i++);  // entries start at i * y.numel()
-        return true;
+      [&](const Tensor& y, std::size_t base) {
+        prepare(base, y.numel());
+        hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(base + first); });
+        finish(base, y.numel());
       });
-  samples.finish();
 }
 
 /// The position of `name` in `names`, or a ValueError naming `api` and the known names.

@@ -105,7 +105,7 @@ Tensor model_sharpness(nn::Module& model, const std::vector<Tensor>& inputs, con
   const char* api = "model_sharpness";
   const Selection sel = select(api, model, o);
   // one Hessian per output entry: the output's shape decides whether dense fits
-  const std::size_t batches = o.is_batch ? batch_size(api, inputs) : 1;
+  const std::size_t batches = output_count(api, inputs, o);
   Shape out_shape;
   {
     NoGradGuard shape_only;

@@ -44,9 +44,13 @@ std::size_t packed_index(std::size_t n, std::size_t count, std::size_t i, std::s
   return entry * (n * (n + 1) / 2) + i * n - i * (i - 1) / 2 + (j - i);
 }
 
-PackedHessian packed(const char* api, const Selection& sel, const HessianOptions& o, const Outputs& outputs) {
+// `count` outputs (see work_on_outputs): samples may run on several threads,
+// each writing its own entries' values.
+PackedHessian packed(const char* api, const Selection& sel, const HessianOptions& o, const Outputs& outputs,
+                     std::size_t count) {
   PackedHessian h;
-  outputs(
+  work_on_outputs(
+      outputs, count, o,
       [&](const Shape& lead) {
         check_bytes(api, "the packed result", packed_bytes(sel.n, numel_of(lead)), sel, numel_of(lead), o);
         h = PackedHessian(sel.n, numel_of(lead));
@@ -60,7 +64,6 @@ PackedHessian packed(const char* api, const Selection& sel, const HessianOptions
             std::memcpy(&h.at(i, sel.offsets[q] + skip, first + e), v + skip, (sel.sizes[q] - skip) * sizeof(double));
           };
         });
-        return true;
       });
   return h;
 }
@@ -68,35 +71,39 @@ PackedHessian packed(const char* api, const Selection& sel, const HessianOptions
 // ---- block-sparse ----
 
 BlockSparseHessian block_sparse(const char* api, const Selection& sel, const HessianOptions& o,
-                                const Outputs& outputs) {
+                                const Outputs& outputs, std::size_t count) {
   const std::size_t P = sel.params.size();
   const std::vector<bool> wanted = stored_blocks(sel, outputs, o.diagonal_only);
   BlockSparseHessian h;
   h.names = sel.names;
   h.diagonal_only = o.diagonal_only;
   for (const Tensor& t : sel.params) h.shapes.push_back(t.shape());
-  outputs(
+  // each stored block's values, [p * P + q]: taken here, since rows may arrive on several threads
+  std::vector<double*> values(P * P, nullptr);
+  work_on_outputs(
+      outputs, count, o,
       [&](const Shape& lead) {
         check_bytes(api, "the block-sparse result", block_bytes(sel, wanted, numel_of(lead)), sel, numel_of(lead), o);
         h.lead = lead;
         for (std::size_t p = 0; p < P; ++p)
           for (std::size_t q = p; q < P; ++q)
-            if (wanted[p * P + q]) h.blocks[{p, q}] = zeros(concat_shape(concat_shape(lead, h.shapes[p]), h.shapes[q]));
+            if (wanted[p * P + q]) {
+              Tensor& block = h.blocks[{p, q}] = zeros(concat_shape(concat_shape(lead, h.shapes[p]), h.shapes[q]));
+              values[p * P + q] = block.mutable_data();
+            }
       },
       [&](const Tensor& y, std::size_t base) {
         hessians_of_entries(
             y, sel, o,
             [&](std::size_t first) -> RowSink {
               // block (q, p) is not stored: block() transposes (p, q)
-              return [&h, &sel, first = base + first](std::size_t e, std::size_t p, std::size_t row, std::size_t q,
-                                                      const double* v) {
-                double* block = h.blocks.at({p, q}).mutable_data();
-                std::memcpy(block + ((first + e) * sel.sizes[p] + row) * sel.sizes[q], v,
+              return [&values, &sel, P, first = base + first](std::size_t e, std::size_t p, std::size_t row,
+                                                              std::size_t q, const double* v) {
+                std::memcpy(values[p * P + q] + ((first + e) * sel.sizes[p] + row) * sel.sizes[q], v,
                             sel.sizes[q] * sizeof(double));
               };
             },
             &wanted);
-        return true;
       });
   return h;
 }
@@ -204,14 +211,14 @@ PackedHessian loss_hessian_packed(nn::Module& model, const Criterion& criterion,
   const char* api = "loss_hessian_packed";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  return packed(api, sel, o, loss_outputs(api, model, criterion, inputs, target));
+  return packed(api, sel, o, loss_outputs(api, model, criterion, inputs, target), 1);
 }
 
 PackedHessian model_hessian_packed(nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o) {
   const char* api = "model_hessian_packed";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  return packed(api, sel, o, model_outputs(api, model, inputs, o));
+  return packed(api, sel, o, model_outputs(api, model, inputs, o), output_count(api, inputs, o));
 }
 
 BlockSparseHessian loss_hessian_block_sparse(nn::Module& model, const Criterion& criterion,
@@ -220,7 +227,7 @@ BlockSparseHessian loss_hessian_block_sparse(nn::Module& model, const Criterion&
   const char* api = "loss_hessian_block_sparse";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  return block_sparse(api, sel, o, loss_outputs(api, model, criterion, inputs, target));
+  return block_sparse(api, sel, o, loss_outputs(api, model, criterion, inputs, target), 1);
 }
 
 BlockSparseHessian model_hessian_block_sparse(nn::Module& model, const std::vector<Tensor>& inputs,
@@ -228,7 +235,7 @@ BlockSparseHessian model_hessian_block_sparse(nn::Module& model, const std::vect
   const char* api = "model_hessian_block_sparse";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  return block_sparse(api, sel, o, model_outputs(api, model, inputs, o));
+  return block_sparse(api, sel, o, model_outputs(api, model, inputs, o), output_count(api, inputs, o));
 }
 
 }  // namespace hesse
