@@ -343,10 +343,10 @@ std::size_t output_count(const char* api, const std::vector<Tensor>& inputs, con
 
 // One Hessian per entry of the model's output. With is_batch, sample b is run
 // alone (batch of one) and its entries fill row b of the result. The model
-// runs on the calling thread, then the samples' derivatives on for_each_part's
-// threads. prepare and finish(first entry, count) run just before and after
-// each output's rows, so that a result can be cleared and completed while that
-// part is in cache.
+// runs on the calling thread; the samples' derivatives may run on helper
+// threads (work_on_outputs). prepare and finish(first entry, count) run just
+// before and after each output's rows, so that a result can be cleared and
+// completed while that part is in cache.
 template <class MakeResult, class SinkFor, class Prepare, class Finish>
 void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const Selection& sel,
                     const HessianOptions& o, MakeResult make_result, SinkFor sink_for, Prepare prepare,
