@@ -997,16 +997,46 @@ BOOST_AUTO_TEST_CASE(a_loss_hessians_rows_are_spread_over_threads) {
       for (const auto& [key, block] : d1.blocks()) CHECK_REL(d.at(key.first, key.second), block, 1e-13);
     }
   }
+  // the packed and block-sparse forms share their rows the same way
+  for (const HessianOptions& o : {small_chunks, diagonal, subset}) {
+    BOOST_TEST_CONTEXT("stored, diagonal_only " << o.diagonal_only << ", params " << o.params.size()) {
+      auto packed = [&] { return loss_hessian_packed(*net, mse, {x}, t, o).dense(); };
+      auto sparse = [&] { return loss_hessian_block_sparse(*net, mse, {x}, t, o).dense(); };
+      Tensor packed_one, sparse_one;
+      {
+        ThreadCount threads(1);
+        packed_one = packed();
+        sparse_one = sparse();
+      }
+      ThreadCount threads(2);
+      const Tensor packed_two = packed(), sparse_two = sparse();
+      CHECK_REL(packed_two, packed_one, 1e-13);
+      CHECK_REL(sparse_two, sparse_one, 1e-13);
+      BOOST_CHECK_GT(max_abs(packed_one), 1e-3);
+      ThreadCount four(4);
+      CHECK_EXACT(packed(), packed_two);
+      CHECK_EXACT(sparse(), sparse_two);
+    }
+  }
   // the helpers really take chunks
   WatchesItsThreads model;
   const Tensor xw = Tensor{{1.0, 2.0}, {0.5, 3.0}, {1.5, -1.0}};
-  model.threads->clear();
   ThreadCount threads(3);
   HessianOptions one_row;
   one_row.chunk_size = 1;
-  const Tensor h = loss_hessian_matrix(model, mse, {xw}, zeros({3, 2}), one_row);
-  BOOST_TEST(model.threads->size() > 1u);
-  BOOST_CHECK_GT(max_abs(h), 0.01);
+  const std::vector<std::pair<std::string, std::function<Tensor()>>> requests = {
+      {"matrix", [&] { return loss_hessian_matrix(model, mse, {xw}, zeros({3, 2}), one_row); }},
+      {"packed", [&] { return loss_hessian_packed(model, mse, {xw}, zeros({3, 2}), one_row).dense(); }},
+      {"block sparse", [&] { return loss_hessian_block_sparse(model, mse, {xw}, zeros({3, 2}), one_row).dense(); }},
+  };
+  for (const auto& [name, request] : requests) {
+    BOOST_TEST_CONTEXT(name) {
+      model.threads->clear();
+      const Tensor h = request();
+      BOOST_TEST(model.threads->size() > 1u);
+      BOOST_CHECK_GT(max_abs(h), 0.01);
+    }
+  }
 }
 
 /// What `request` prints on stderr while stderr is a terminal (a pseudo-terminal).

@@ -478,11 +478,12 @@ void RowQueue::wait_for_helpers(const std::function<void()>& report) {
 }
 
 void rows_on_threads(const Tensor& loss, std::uint64_t since, const std::function<Tensor()>& copy,
-                     const Selection& sel, const HessianOptions& o, const RowSink& sink) {
+                     const Selection& sel, const HessianOptions& o, const RowSink& sink,
+                     const std::vector<bool>* wanted_blocks) {
   RowQueue queue(
-      copy, [&](const Tensor& loss_copy) { hessian_rows(loss_copy, 0, 1, sel, o, sink, nullptr, &queue); }, loss,
-      since);
-  hessian_rows(loss, 0, 1, sel, o, sink, nullptr, &queue);
+      copy, [&](const Tensor& loss_copy) { hessian_rows(loss_copy, 0, 1, sel, o, sink, wanted_blocks, &queue); },
+      loss, since);
+  hessian_rows(loss, 0, 1, sel, o, sink, wanted_blocks, &queue);
   queue.finish();
 }
 

@@ -214,7 +214,8 @@ class RowQueue {
 /// loss again on a graph of its own, and `since` is the node sequence before
 /// the loss's forward pass (see RowQueue).
 void rows_on_threads(const Tensor& loss, std::uint64_t since, const std::function<Tensor()>& copy,
-                     const Selection& sel, const HessianOptions& o, const RowSink& sink);
+                     const Selection& sel, const HessianOptions& o, const RowSink& sink,
+                     const std::vector<bool>* wanted_blocks = nullptr);
 /// Hessians of every entry of y, in groups; entry e of y reports as sink_from(first) with first + e.
 void hessians_of_entries(const Tensor& y, const Selection& sel, const HessianOptions& o,
                          const std::function<RowSink(std::size_t first)>& sink_from,

@@ -33,6 +33,39 @@ std::vector<bool> detail::stored_blocks(const Selection& sel, const Outputs& out
 
 namespace {
 
+/// The outputs a storage request visits: a loss's one Hessian, or `count` model outputs.
+struct Visit {
+  Outputs outputs;
+  std::size_t count;
+  bool loss;
+};
+
+// Every output's Hessian rows, to sink_from(the first entry they are for),
+// after start(lead): a model's samples may be spread over threads
+// (work_on_outputs), and a loss's one Hessian shares its chunks of rows
+// between threads, each with its own copy of the loss's graph (rows_on_threads).
+void rows_of_outputs(const Visit& visit, const Selection& sel, const HessianOptions& o, const StartFn& start,
+                     const std::function<RowSink(std::size_t first)>& sink_from,
+                     const std::vector<bool>* wanted_blocks = nullptr) {
+  if (!visit.loss) {
+    work_on_outputs(visit.outputs, visit.count, o, start, [&](const Tensor& y, std::size_t base) {
+      hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_from(base + first); }, wanted_blocks);
+    });
+    return;
+  }
+  auto run = [&](const StartFn& on_start) {
+    Tensor loss;
+    visit.outputs(on_start, [&](const Tensor& y, std::size_t) {
+      loss = y;
+      return false;
+    });
+    return loss;
+  };
+  const std::uint64_t since = next_node_sequence();
+  const Tensor loss = run(start);
+  rows_on_threads(loss, since, [&] { return run([](const Shape&) {}); }, sel, o, sink_from(0), wanted_blocks);
+}
+
 // ---- packed ----
 
 // Row i of the packed upper triangle starts at i n − i (i − 1) / 2 and holds columns i..n−1.
@@ -44,44 +77,38 @@ std::size_t packed_index(std::size_t n, std::size_t count, std::size_t i, std::s
   return entry * (n * (n + 1) / 2) + i * n - i * (i - 1) / 2 + (j - i);
 }
 
-// `count` outputs (see work_on_outputs): samples may run on several threads,
-// each writing its own entries' values.
-PackedHessian packed(const char* api, const Selection& sel, const HessianOptions& o, const Outputs& outputs,
-                     std::size_t count) {
+// Rows may arrive on several threads, each writing values of its own.
+PackedHessian packed(const char* api, const Selection& sel, const HessianOptions& o, const Visit& visit) {
   PackedHessian h;
-  work_on_outputs(
-      outputs, count, o,
+  rows_of_outputs(
+      visit, sel, o,
       [&](const Shape& lead) {
         check_bytes(api, "the packed result", packed_bytes(sel.n, numel_of(lead)), sel, numel_of(lead), o);
         h = PackedHessian(sel.n, numel_of(lead));
       },
-      [&](const Tensor& y, std::size_t base) {
-        hessians_of_entries(y, sel, o, [&](std::size_t first) -> RowSink {
-          return [&h, &sel, first = base + first](std::size_t e, std::size_t p, std::size_t row, std::size_t q,
-                                                  const double* v) {
-            const std::size_t i = sel.offsets[p] + row;
-            const std::size_t skip = q == p ? row : 0;  // a (P, P) row: only columns j ≥ i
-            std::memcpy(&h.at(i, sel.offsets[q] + skip, first + e), v + skip, (sel.sizes[q] - skip) * sizeof(double));
-          };
-        });
+      [&](std::size_t first) -> RowSink {
+        return [&h, &sel, first](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* v) {
+          const std::size_t i = sel.offsets[p] + row;
+          const std::size_t skip = q == p ? row : 0;  // a (P, P) row: only columns j ≥ i
+          std::memcpy(&h.at(i, sel.offsets[q] + skip, first + e), v + skip, (sel.sizes[q] - skip) * sizeof(double));
+        };
       });
   return h;
 }
 
 // ---- block-sparse ----
 
-BlockSparseHessian block_sparse(const char* api, const Selection& sel, const HessianOptions& o,
-                                const Outputs& outputs, std::size_t count) {
+BlockSparseHessian block_sparse(const char* api, const Selection& sel, const HessianOptions& o, const Visit& visit) {
   const std::size_t P = sel.params.size();
-  const std::vector<bool> wanted = stored_blocks(sel, outputs, o.diagonal_only);
+  const std::vector<bool> wanted = stored_blocks(sel, visit.outputs, o.diagonal_only);
   BlockSparseHessian h;
   h.names = sel.names;
   h.diagonal_only = o.diagonal_only;
   for (const Tensor& t : sel.params) h.shapes.push_back(t.shape());
   // each stored block's values, [p * P + q]: taken here, since rows may arrive on several threads
   std::vector<double*> values(P * P, nullptr);
-  work_on_outputs(
-      outputs, count, o,
+  rows_of_outputs(
+      visit, sel, o,
       [&](const Shape& lead) {
         check_bytes(api, "the block-sparse result", block_bytes(sel, wanted, numel_of(lead)), sel, numel_of(lead), o);
         h.lead = lead;
@@ -92,19 +119,15 @@ BlockSparseHessian block_sparse(const char* api, const Selection& sel, const Hes
               values[p * P + q] = block.mutable_data();
             }
       },
-      [&](const Tensor& y, std::size_t base) {
-        hessians_of_entries(
-            y, sel, o,
-            [&](std::size_t first) -> RowSink {
-              // block (q, p) is not stored: block() transposes (p, q)
-              return [&values, &sel, P, first = base + first](std::size_t e, std::size_t p, std::size_t row,
-                                                              std::size_t q, const double* v) {
-                std::memcpy(values[p * P + q] + ((first + e) * sel.sizes[p] + row) * sel.sizes[q], v,
-                            sel.sizes[q] * sizeof(double));
-              };
-            },
-            &wanted);
-      });
+      [&](std::size_t first) -> RowSink {
+        // block (q, p) is not stored: block() transposes (p, q)
+        return [&values, &sel, P, first](std::size_t e, std::size_t p, std::size_t row, std::size_t q,
+                                         const double* v) {
+          std::memcpy(values[p * P + q] + ((first + e) * sel.sizes[p] + row) * sel.sizes[q], v,
+                      sel.sizes[q] * sizeof(double));
+        };
+      },
+      &wanted);
   return h;
 }
 
@@ -211,14 +234,14 @@ PackedHessian loss_hessian_packed(nn::Module& model, const Criterion& criterion,
   const char* api = "loss_hessian_packed";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  return packed(api, sel, o, loss_outputs(api, model, criterion, inputs, target), 1);
+  return packed(api, sel, o, {loss_outputs(api, model, criterion, inputs, target), 1, true});
 }
 
 PackedHessian model_hessian_packed(nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o) {
   const char* api = "model_hessian_packed";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  return packed(api, sel, o, model_outputs(api, model, inputs, o), output_count(api, inputs, o));
+  return packed(api, sel, o, {model_outputs(api, model, inputs, o), output_count(api, inputs, o), false});
 }
 
 BlockSparseHessian loss_hessian_block_sparse(nn::Module& model, const Criterion& criterion,
@@ -227,7 +250,7 @@ BlockSparseHessian loss_hessian_block_sparse(nn::Module& model, const Criterion&
   const char* api = "loss_hessian_block_sparse";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  return block_sparse(api, sel, o, loss_outputs(api, model, criterion, inputs, target), 1);
+  return block_sparse(api, sel, o, {loss_outputs(api, model, criterion, inputs, target), 1, true});
 }
 
 BlockSparseHessian model_hessian_block_sparse(nn::Module& model, const std::vector<Tensor>& inputs,
@@ -235,7 +258,7 @@ BlockSparseHessian model_hessian_block_sparse(nn::Module& model, const std::vect
   const char* api = "model_hessian_block_sparse";
   const Selection sel = select(api, model, o);
   RequestScope scope(model, sel);
-  return block_sparse(api, sel, o, model_outputs(api, model, inputs, o), output_count(api, inputs, o));
+  return block_sparse(api, sel, o, {model_outputs(api, model, inputs, o), output_count(api, inputs, o), false});
 }
 
 }  // namespace hesse
