@@ -216,11 +216,9 @@ HessianDict loss_hessian_dict(nn::Module& model, const Criterion& criterion, con
   RequestScope scope(model, sel);
   auto run = [&] { return scalar_loss(api, criterion, run_model(api, model, inputs), target); };
   check_memory(api, sel, 1, o);  // before any work
-  const std::uint64_t since = next_node_sequence();
-  const Tensor loss = run();
   HessianDict d = empty_dict(sel, {}, o.diagonal_only);
   const DictBlocks blocks = dict_blocks(d, sel);
-  rows_on_threads(loss, since, run, sel, o, dict_sink(blocks, 0, sel));
+  rows_on_threads(run, run, sel, o, dict_sink(blocks, 0, sel));
   if (!o.diagonal_only) mirror_dict_blocks(blocks, sel, 0, 1);
   return d;
 }
@@ -232,11 +230,9 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
   RequestScope scope(model, sel);
   auto run = [&] { return scalar_loss(api, criterion, run_model(api, model, inputs), target); };
   check_memory(api, sel, 1, o);  // before any work
-  const std::uint64_t since = next_node_sequence();
-  const Tensor loss = run();
   Tensor h = Tensor::empty({sel.n, sel.n});
   ReachedBlocks reached(sel.params.size());
-  rows_on_threads(loss, since, run, sel, o, reached.noting(matrix_sink(h.mutable_data(), 0, sel)));
+  rows_on_threads(run, run, sel, o, reached.noting(matrix_sink(h.mutable_data(), 0, sel)));
   complete_matrix(h.mutable_data(), sel, reached, o.diagonal_only);
   return h;
 }

@@ -477,11 +477,13 @@ void RowQueue::wait_for_helpers(const std::function<void()>& report) {
   if (std::this_thread::get_id() == caller_) crew_.wait(report);
 }
 
-void rows_on_threads(const Tensor& loss, std::uint64_t since, const std::function<Tensor()>& copy,
+void rows_on_threads(const std::function<Tensor()>& make, const std::function<Tensor()>& make_copy,
                      const Selection& sel, const HessianOptions& o, const RowSink& sink,
                      const std::vector<bool>* wanted_blocks) {
+  const std::uint64_t since = next_node_sequence();
+  const Tensor loss = make();
   RowQueue queue(
-      copy, [&](const Tensor& loss_copy) { hessian_rows(loss_copy, 0, 1, sel, o, sink, wanted_blocks, &queue); },
+      make_copy, [&](const Tensor& loss_copy) { hessian_rows(loss_copy, 0, 1, sel, o, sink, wanted_blocks, &queue); },
       loss, since);
   hessian_rows(loss, 0, 1, sel, o, sink, wanted_blocks, &queue);
   queue.finish();

@@ -210,10 +210,9 @@ class RowQueue {
   Crew crew_;
 };
 
-/// hessian_rows of a scalar loss, on as many threads as pay; copy() makes the
-/// loss again on a graph of its own, and `since` is the node sequence before
-/// the loss's forward pass (see RowQueue).
-void rows_on_threads(const Tensor& loss, std::uint64_t since, const std::function<Tensor()>& copy,
+/// hessian_rows of the scalar loss make() makes, on as many threads as pay;
+/// make_copy() makes it again, on a graph of its own, for each helper.
+void rows_on_threads(const std::function<Tensor()>& make, const std::function<Tensor()>& make_copy,
                      const Selection& sel, const HessianOptions& o, const RowSink& sink,
                      const std::vector<bool>* wanted_blocks = nullptr);
 /// Hessians of every entry of y, in groups; entry e of y reports as sink_from(first) with first + e.

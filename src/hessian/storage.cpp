@@ -61,9 +61,8 @@ void rows_of_outputs(const Visit& visit, const Selection& sel, const HessianOpti
     });
     return loss;
   };
-  const std::uint64_t since = next_node_sequence();
-  const Tensor loss = run(start);
-  rows_on_threads(loss, since, [&] { return run([](const Shape&) {}); }, sel, o, sink_from(0), wanted_blocks);
+  rows_on_threads([&] { return run(start); }, [&] { return run([](const Shape&) {}); }, sel, o, sink_from(0),
+                  wanted_blocks);
 }
 
 // ---- packed ----
