@@ -275,6 +275,62 @@ BOOST_AUTO_TEST_CASE(transpose_and_permute_gradients) {
   check_derivatives("x xᵀ", [](const std::vector<Tensor>& x) { return matmul(x[0], transpose(x[0])); }, {m});
 }
 
+// matmul reads a temporary transpose(X) from X through its transpose flag
+BOOST_AUTO_TEST_CASE(matmul_reads_a_transposed_temporary_from_its_input) {
+  Generator gen(42);
+  const std::vector<std::pair<Shape, Shape>> cases = {  // shapes before the transposes; the last past the plain loop
+      {{3, 2}, {3, 4}}, {{2, 2}, {2, 2}}, {{2, 4, 3}, {2, 4, 2}}, {{4, 3}, {2, 4, 5}}, {{9, 10}, {9, 11}}};
+  auto swapped = [](const Tensor& x) {  // x with its last two axes swapped, by index arithmetic
+    std::vector<std::size_t> perm(x.ndim());
+    std::iota(perm.begin(), perm.end(), std::size_t(0));
+    std::swap(perm[x.ndim() - 2], perm[x.ndim() - 1]);
+    return reference_permute(x, perm);
+  };
+  for (const auto& [sa, sb] : cases) {
+    BOOST_TEST_CONTEXT(to_string(sa) << "ᵀ @ " << to_string(sb)) {
+      const Tensor a = normal(sa, gen), b = normal(sb, gen);
+      CHECK_CLOSE(matmul(transpose(a), b), reference_matmul(swapped(a), b), 1e-13);
+      const Tensor at = leaf(swapped(a)), bt = leaf(swapped(b));
+      CHECK_CLOSE(matmul(bt, transpose(at)), reference_matmul(bt, a), 1e-13);
+      CHECK_CLOSE(matmul(transpose(b), transpose(at)), reference_matmul(bt, a), 1e-13);
+      check_derivatives("Aᵀ B", [](const std::vector<Tensor>& t) { return matmul(transpose(t[0]), t[1]); }, {a, b});
+    }
+  }
+  check_derivatives("A Bᵀ", [](const std::vector<Tensor>& t) { return matmul(t[0], transpose(t[1])); },
+                    {normal({2, 3}, gen), normal({4, 3}, gen)});
+  check_derivatives("Aᵀ Bᵀ", [](const std::vector<Tensor>& t) { return matmul(transpose(t[0]), transpose(t[1])); },
+                    {normal({3, 2}, gen), normal({4, 3}, gen)});
+  check_derivatives("Bᵀ (Bᵀ)ᵀ",  // the second operand is a transpose of a transpose
+                    [](const std::vector<Tensor>& t) { return matmul(transpose(t[0]), transpose(transpose(t[0]))); },
+                    {normal({3, 2}, gen)});
+  check_derivatives("Aᵀ x", [](const std::vector<Tensor>& t) { return matmul(transpose(t[0]), t[1]); },
+                    {normal({3, 2}, gen), normal({3}, gen)});
+
+  const Tensor a = normal({3, 2}, gen), b = normal({3, 4}, gen);
+  const Tensor expected = reference_matmul(reference_permute(a, {1, 0}), b);
+  // the product's node reads A itself: no transpose in its graph
+  const Tensor fused = matmul(transpose(a), b);
+  BOOST_TEST(fused.grad_fn()->edges[0].leaf == a.impl());
+  // a transpose the caller still holds stays in the graph: gradients can be asked through it
+  const Tensor at = transpose(a);
+  const Tensor kept = matmul(at, b);
+  BOOST_TEST(kept.grad_fn()->edges[0].node == at.grad_fn());
+  CHECK_CLOSE(grad(sum(kept), at), reference_matmul(ones({2, 4}), reference_permute(b, {1, 0})), 1e-13);
+  // values written since the transpose: the copy's, never the input's new ones
+  Tensor copy = transpose(a);
+  Tensor changed = a.detach().clone();
+  changed.mutable_data()[0] += 1.0;
+  Tensor source = leaf(changed.clone());
+  Tensor stale = transpose(source);
+  source.mutable_data()[0] -= 1.0;  // source now holds a's values; stale still holds changed's transpose
+  CHECK_CLOSE(matmul(std::move(stale), b), reference_matmul(reference_permute(changed, {1, 0}), b), 0.0);
+  copy.mutable_data()[1] = 7.0;
+  Tensor written = reference_permute(a.detach(), {1, 0});
+  written.mutable_data()[1] = 7.0;
+  CHECK_CLOSE(matmul(std::move(copy), b), reference_matmul(written, b), 0.0);
+  CHECK_CLOSE(fused, expected, 1e-13);
+}
+
 BOOST_AUTO_TEST_CASE(transpose_and_permute_errors) {
   const Tensor t = zeros({2, 3, 4});
   HESSE_CHECK_THROWS(transpose(t, 0, 3), hesse::IndexError, "hesse::transpose");

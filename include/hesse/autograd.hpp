@@ -120,6 +120,15 @@ struct Edge {
   bool active() const { return node || leaf; }
 };
 
+namespace detail {
+/// Where transpose() copied its result from. A matmul handed that copy alone
+/// reads the input instead, through the kernel's transpose flag (ops/linalg.cpp).
+struct TransposedFrom {
+  std::weak_ptr<TensorImpl> input;
+  std::uint64_t input_writes = 0, output_writes = 0;  // unchanged since: the copy is still input's transpose
+};
+}  // namespace detail
+
 class Node : public std::enable_shared_from_this<Node> {
  public:
   ~Node();
@@ -132,6 +141,7 @@ class Node : public std::enable_shared_from_this<Node> {
   std::size_t saved_offset = 0;                   // where the output starts in saved_output
   bool save_output = false;
   bool released = false;  // the rule was freed by a backward without retain_graph
+  std::unique_ptr<detail::TransposedFrom> transposed_from;  // set by transpose() only
   // engine scratch, valid during one backward pass
   Tensor pending;          // gradient gathered for this node's output
   std::uint64_t epoch = 0; // pass that last visited this node

@@ -67,7 +67,9 @@ Tensor sum_to(const Tensor& x, const Shape& shape);
 
 // ---- linear algebra ----  src/ops/linalg.cpp
 /// NumPy matmul: 1-D operands are promoted, leading dimensions broadcast.
-Tensor matmul(const Tensor& a, const Tensor& b);
+/// An operand that is a temporary transpose(X) is read from X (no copy in the
+/// graph), so matmul(transpose(A), B) costs what PyTorch's A.T @ B does.
+Tensor matmul(Tensor a, Tensor b);
 /// x Wᵀ + b (PyTorch's F.linear): x [..., in], W [out, in], b [out] or undefined.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
 /// Sum of the diagonal of a matrix.

@@ -382,21 +382,39 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   return bias.defined() ? y + bias : y;
 }
 
-Tensor matmul(const Tensor& a, const Tensor& b) {
+namespace {
+
+// A transposed copy handed to matmul alone, as in matmul(transpose(A), B), is
+// read from A through the kernel's transpose flag, the way PyTorch reads its
+// .T views: the graph has no transpose at any order of differentiation. Only
+// when the caller held no other handle to the copy (taken by value, it is then
+// ours alone): no one can ask for gradients through it afterwards.
+bool untranspose(Tensor& x) {
+  if (x.ndim() < 2 || x.impl().use_count() != 1 || !x.grad_fn() || !x.grad_fn()->transposed_from) return false;
+  const detail::TransposedFrom& from = *x.grad_fn()->transposed_from;
+  std::shared_ptr<detail::TensorImpl> input = from.input.lock();
+  if (!input || input->storage->writes() != from.input_writes || x.impl()->storage->writes() != from.output_writes)
+    return false;  // written since: the copy holds values the input no longer has (or the reverse)
+  x = Tensor(std::move(input));
+  return true;
+}
+
+}  // namespace
+
+Tensor matmul(Tensor a, Tensor b) {
   if (a.ndim() == 0 || b.ndim() == 0)
     throw ShapeError(message("matmul", "0-d operands are not allowed (shapes ", to_string(a.shape()), " and ",
                              to_string(b.shape()), "); use * for scalars"));
-  if (a.ndim() == 1 && b.ndim() == 1 && a.numel() != b.numel())
+  const bool a_vector = a.ndim() == 1, b_vector = b.ndim() == 1;
+  if (a.shape().back() != b.shape()[b_vector ? 0 : b.ndim() - 2])
     throw ShapeError(message("matmul", "shapes ", to_string(a.shape()), " and ", to_string(b.shape()),
                              " do not fit (inner dimensions differ)"));
-  const Tensor a2 = a.ndim() == 1 ? unsqueeze(a, 0) : a;
-  const Tensor b2 = b.ndim() == 1 ? unsqueeze(b, -1) : b;
-  if (a2.ndim() >= 2 && b2.ndim() >= 2 && a2.shape().back() != b2.shape()[b2.ndim() - 2])
-    throw ShapeError(message("matmul", "shapes ", to_string(a.shape()), " and ", to_string(b.shape()),
-                             " do not fit (inner dimensions differ)"));
-  Tensor c = matmul_t(a2, b2, false, false);
-  if (b.ndim() == 1) c = squeeze(c, -1);
-  if (a.ndim() == 1) c = squeeze(c, a.ndim() == 1 && b.ndim() == 1 ? -1 : -2);
+  if (a_vector) a = unsqueeze(a, 0);
+  if (b_vector) b = unsqueeze(b, -1);
+  const bool ta = untranspose(a), tb = untranspose(b);
+  Tensor c = matmul_t(a, b, ta, tb);
+  if (b_vector) c = squeeze(c, -1);
+  if (a_vector) c = squeeze(c, b_vector ? -1 : -2);
   return c;
 }
 

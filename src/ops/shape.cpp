@@ -266,13 +266,17 @@ Tensor permuted(const Tensor& x, const Shape& perm) {
                                [&](std::size_t io, std::size_t ia, std::size_t) { o[io] = in[ia]; });
   }
   // the adjoint is the inverse permutation; a gradient's leading batch dims stay in front
-  return record("permute", out, {x}, [perm](const Tensor& g, const Tensor&, Needs) {
+  Tensor result = record("permute", out, {x}, [perm](const Tensor& g, const Tensor&, Needs) {
     const std::size_t b = g.ndim() - perm.size();
     Shape inverse(g.ndim());
     for (std::size_t i = 0; i < b; ++i) inverse[i] = i;
     for (std::size_t i = 0; i < perm.size(); ++i) inverse[b + perm[i]] = b + i;
     return std::vector<Tensor>{permuted(g, inverse)};
   });
+  if (matrix_transposes && result.grad_fn())
+    result.grad_fn()->transposed_from.reset(new detail::TransposedFrom{
+        x.impl(), x.impl()->storage->writes(), result.impl()->storage->writes()});
+  return result;
 }
 
 }  // namespace
