@@ -141,7 +141,7 @@ class Node : public std::enable_shared_from_this<Node> {
   std::size_t saved_offset = 0;                   // where the output starts in saved_output
   bool save_output = false;
   bool released = false;  // the rule was freed by a backward without retain_graph
-  std::unique_ptr<detail::TransposedFrom> transposed_from;  // set by transpose() only
+  detail::TransposedFrom transposed_from;  // empty unless this node is a transpose()
   // engine scratch, valid during one backward pass
   Tensor pending;          // gradient gathered for this node's output
   std::uint64_t epoch = 0; // pass that last visited this node

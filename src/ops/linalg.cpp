@@ -390,8 +390,8 @@ namespace {
 // when the caller held no other handle to the copy (taken by value, it is then
 // ours alone): no one can ask for gradients through it afterwards.
 bool untranspose(Tensor& x) {
-  if (x.ndim() < 2 || x.impl().use_count() != 1 || !x.grad_fn() || !x.grad_fn()->transposed_from) return false;
-  const detail::TransposedFrom& from = *x.grad_fn()->transposed_from;
+  if (x.ndim() < 2 || x.impl().use_count() != 1 || !x.grad_fn()) return false;
+  const detail::TransposedFrom& from = x.grad_fn()->transposed_from;
   std::shared_ptr<detail::TensorImpl> input = from.input.lock();
   if (!input || input->storage->writes() != from.input_writes || x.impl()->storage->writes() != from.output_writes)
     return false;  // written since: the copy holds values the input no longer has (or the reverse)

@@ -274,8 +274,7 @@ Tensor permuted(const Tensor& x, const Shape& perm) {
     return std::vector<Tensor>{permuted(g, inverse)};
   });
   if (matrix_transposes && result.grad_fn())
-    result.grad_fn()->transposed_from.reset(new detail::TransposedFrom{
-        x.impl(), x.impl()->storage->writes(), result.impl()->storage->writes()});
+    result.grad_fn()->transposed_from = {x.impl(), x.impl()->storage->writes(), result.impl()->storage->writes()};
   return result;
 }
 
