@@ -6,6 +6,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <xtensor/xarray.hpp>
@@ -408,4 +409,39 @@ BOOST_AUTO_TEST_CASE(batched_seeds_reductions) {
   check_batched_seeds("logsumexp axis 0", [](const std::vector<Tensor>& t) { return logsumexp(t[0], 0); }, {x}, 4);
   check_batched_seeds("max axis 1", [](const std::vector<Tensor>& t) { return hesse::max(square(t[0]), 1); }, {x});
   check_batched_seeds("sum_to [3,1]", [](const std::vector<Tensor>& t) { return sum_to(t[0], {3, 1}); }, {x});
+}
+
+// A gradient summed over broadcast dims takes a direct route when nothing is
+// recorded (the passes that take Hessian rows) and the general one when it is:
+// both give exactly the same values, with and without seed batches.
+BOOST_AUTO_TEST_CASE(broadcast_gradients_are_the_same_recorded_or_not) {
+  Generator gen(12);
+  using Op = std::function<Tensor(const Tensor&, const Tensor&)>;
+  const std::vector<std::tuple<std::string, Op, Shape, Shape>> cases = {
+      {"shared A @ batched B", [](const Tensor& a, const Tensor& b) { return matmul(a, b); }, {3, 2}, {4, 2, 5}},
+      {"batched A @ shared B", [](const Tensor& a, const Tensor& b) { return matmul(a, b); }, {4, 3, 2}, {2, 5}},
+      {"x + bias", [](const Tensor& a, const Tensor& b) { return a + b; }, {6, 5}, {5}},
+      {"x * row of [1, 5]", [](const Tensor& a, const Tensor& b) { return a * b; }, {2, 3, 5}, {1, 5}},
+      {"x * column (general route only)", [](const Tensor& a, const Tensor& b) { return a * b; }, {3, 4}, {3, 1}},
+      {"x * scalar", [](const Tensor& a, const Tensor& b) { return a * b; }, {3, 4}, {}}};
+  for (const auto& [name, op, sa, sb] : cases)
+    for (const std::size_t seeds : {0, 3}) {
+      BOOST_TEST_CONTEXT(name << ", " << seeds << " seeds") {
+        const Tensor a = normal(sa, gen), b = normal(sb, gen);
+        const Tensor y = op(a, b);
+        Shape seed_shape = y.shape();
+        if (seeds) seed_shape.insert(seed_shape.begin(), seeds);
+        const Tensor seed = normal(seed_shape, gen);  // requiring grad: recorded, the gradients require it too
+        GradOptions o;
+        o.batched_grad_outputs = seeds > 0;
+        o.retain_graph = true;
+        const std::vector<Tensor> direct = grad({y}, {a, b}, {seed}, o);
+        o.create_graph = true;
+        const std::vector<Tensor> recorded = grad({y}, {a, b}, {seed}, o);
+        for (std::size_t i = 0; i < 2; ++i) {
+          BOOST_TEST(recorded[i].requires_grad());
+          CHECK_CLOSE(direct[i], recorded[i], 0.0);
+        }
+      }
+    }
 }

@@ -147,6 +147,18 @@ Tensor reduce_grad(const Tensor& grad, const Shape& output_shape, const Shape& i
   const Shape batch = batch_dims(grad, output_shape);
   const Shape target = concat_shape(batch, input_shape);
   if (grad.shape() == target) return grad;
+  // The common case where nothing is recorded (the passes that take Hessian
+  // rows): an input broadcast over leading dims only, a weight shared by a
+  // batch or a bias. One pass sums them into the result, with the additions
+  // of the general route below, which costs three tensors and shape work.
+  const Shape& gs = grad.shape();
+  const std::size_t inner = numel_of(input_shape), rest = gs.size() - input_shape.size();
+  if (inner > 1 && !any_requires_grad({grad}) &&
+      std::equal(input_shape.begin(), input_shape.end(), gs.begin() + std::ptrdiff_t(rest))) {
+    Tensor out = zeros(target);
+    sum_middle(grad.data(), numel_of(batch), prod(gs, batch.size(), rest), inner, out.mutable_data());
+    return out;
+  }
   // sum the dims broadcasting added in front of the input, and those where it
   // had size 1; a dim of size 1 in the output needs no sum, only the reshape
   AxisFlags reduce(grad.ndim(), false);
