@@ -34,7 +34,10 @@ Selection select(const char* api, const nn::Module& model, const std::vector<std
     return sel;
   }
   for (const auto& [name, t] : all) {  // keep registration order whatever order the user listed
-    if (std::find(names.begin(), names.end(), name) == names.end()) continue;
+    if (std::find(names.begin(), names.end(), name) == names.end()) {
+      if (t.requires_grad()) sel.left_out.push_back(t);
+      continue;
+    }
     if (!t.requires_grad())
       throw ValueError(message(api, "parameter '", name, "' is frozen (requires_grad is false)"));
     add(name, t);
@@ -49,13 +52,8 @@ Selection select(const char* api, const nn::Module& model, const std::vector<std
   return sel;
 }
 
-RequestScope::RequestScope(nn::Module& model, const Selection& sel) : eval_(model) {
-  for (const auto& [name, t] : model.named_parameters())
-    if (t.requires_grad() && std::find(sel.names.begin(), sel.names.end(), name) == sel.names.end()) {
-      Tensor handle = t;
-      handle.requires_grad_(false);
-      frozen_.push_back(handle);
-    }
+RequestScope::RequestScope(nn::Module& model, const Selection& sel) : eval_(model), frozen_(sel.left_out) {
+  for (Tensor& t : frozen_) t.requires_grad_(false);
 }
 
 RequestScope::~RequestScope() {

@@ -25,6 +25,7 @@ struct Selection {
   std::vector<Tensor> params;
   std::vector<std::size_t> offsets, sizes;
   std::size_t n = 0;
+  std::vector<Tensor> left_out;  // the trainable parameters not selected (RequestScope freezes them)
 
   /// The parameter holding flat index r.
   std::size_t param_of(std::size_t r) const;
