@@ -149,8 +149,8 @@ Tensor reduce_grad(const Tensor& grad, const Shape& output_shape, const Shape& i
   if (grad.shape() == target) return grad;
   // The common case where nothing is recorded (the passes that take Hessian
   // rows): an input broadcast over leading dims only, a weight shared by a
-  // batch or a bias. One pass sums them into the result, with the additions
-  // of the general route below, which costs three tensors and shape work.
+  // batch or a bias. One pass sums them into the result, adding in the order
+  // the general route below does; that route costs three tensors and shape work.
   const Shape& gs = grad.shape();
   const std::size_t inner = numel_of(input_shape), rest = gs.size() - input_shape.size();
   if (inner > 1 && !any_requires_grad({grad}) &&
