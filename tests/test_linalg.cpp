@@ -329,6 +329,23 @@ BOOST_AUTO_TEST_CASE(matmul_reads_a_transposed_temporary_from_its_input) {
   written.mutable_data()[1] = 7.0;
   CHECK_CLOSE(matmul(std::move(copy), b), reference_matmul(written, b), 0.0);
   CHECK_CLOSE(fused, expected, 1e-13);
+  // a transpose recorded while A required grad still sends A its gradient
+  const Tensor frozen = normal({3, 2}, gen);
+  Tensor recorded = transpose(frozen);
+  Tensor handle = frozen;
+  handle.requires_grad_(false);
+  sum(matmul(std::move(recorded), b)).backward();
+  BOOST_REQUIRE(frozen.grad().defined());
+  Tensor row_sums = zeros({3, 2});
+  for (std::size_t k = 0; k < 3; ++k)
+    for (std::size_t i = 0; i < 2; ++i)
+      for (std::size_t j = 0; j < 4; ++j) row_sums.mutable_data()[k * 2 + i] += b.data()[k * 4 + j];
+  CHECK_CLOSE(frozen.grad(), row_sums, 1e-13);
+  // and one whose graph a backward already freed is not skipped: differentiating through it again is refused
+  Tensor freed = transpose(a);
+  sum(freed).backward();
+  const Tensor through_freed = matmul(std::move(freed), b);
+  HESSE_CHECK_THROWS(sum(through_freed).backward(), hesse::AutogradError, "a second time");
 }
 
 BOOST_AUTO_TEST_CASE(transpose_and_permute_errors) {

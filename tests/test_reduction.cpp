@@ -444,4 +444,9 @@ BOOST_AUTO_TEST_CASE(broadcast_gradients_are_the_same_recorded_or_not) {
         }
       }
     }
+  // a broadcast over dims of size 1 only sums nothing: the seed's values, -0.0 included, pass unchanged
+  const Tensor row = normal({1, 3}, gen), bias = normal({3}, gen);
+  const Tensor seed = Tensor{{-0.0, 2.0, -0.0}};
+  const Tensor g = grad(row + bias, bias, seed);
+  for (std::size_t j = 0; j < 3; ++j) BOOST_TEST(std::signbit(g.data()[j]) == std::signbit(seed.data()[j]));
 }

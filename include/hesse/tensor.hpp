@@ -138,7 +138,10 @@ class Tensor {
   /// The single value of a one-element tensor.
   double item() const;
   const double* data() const { return checked().storage->read() + impl_->offset; }
-  /// Writable storage; for optimisers and kernels, outside the tape.
+  /// Writable storage; for optimisers and kernels, outside the tape. A graph
+  /// reads the values of the tensors its ops saved when it is differentiated:
+  /// write to them once their graphs are done (as an optimiser step does), and
+  /// take the pointer again after other ops ran (it marks the write).
   double* mutable_data() { return checked().storage->write() + impl_->offset; }
 
   bool requires_grad() const { return checked().requires_grad; }

@@ -388,13 +388,18 @@ namespace {
 // read from A through the kernel's transpose flag, the way PyTorch reads its
 // .T views: the graph has no transpose at any order of differentiation. Only
 // when the caller held no other handle to the copy (taken by value, it is then
-// ours alone): no one can ask for gradients through it afterwards.
+// ours alone): no one can ask for gradients through it afterwards. The product
+// then saves A itself, as it saves any operand: a graph reads its operands'
+// values when it is differentiated (see Tensor::mutable_data).
 bool untranspose(Tensor& x) {
-  if (x.ndim() < 2 || x.impl().use_count() != 1 || !x.grad_fn()) return false;
+  if (x.ndim() < 2 || x.impl().use_count() != 1 || !x.grad_fn() || x.grad_fn()->released) return false;
   const detail::TransposedFrom& from = x.grad_fn()->transposed_from;
   std::shared_ptr<detail::TensorImpl> input = from.input.lock();
-  if (!input || input->storage->writes() != from.input_writes || x.impl()->storage->writes() != from.output_writes)
-    return false;  // written since: the copy holds values the input no longer has (or the reverse)
+  // the copy's edge was recorded while the input required grad; and a write to
+  // either since leaves the copy with values the input no longer has
+  if (!input || !input->requires_grad || input->storage->writes() != from.input_writes ||
+      x.impl()->storage->writes() != from.output_writes)
+    return false;
   x = Tensor(std::move(input));
   return true;
 }

@@ -153,10 +153,11 @@ Tensor reduce_grad(const Tensor& grad, const Shape& output_shape, const Shape& i
   // the general route below does; that route costs three tensors and shape work.
   const Shape& gs = grad.shape();
   const std::size_t inner = numel_of(input_shape), rest = gs.size() - input_shape.size();
-  if (inner > 1 && !any_requires_grad({grad}) &&
+  const std::size_t terms = prod(gs, batch.size(), rest);  // entries added into each result (1: a reshape does)
+  if (inner > 1 && terms > 1 && !any_requires_grad({grad}) &&
       std::equal(input_shape.begin(), input_shape.end(), gs.begin() + std::ptrdiff_t(rest))) {
     Tensor out = zeros(target);
-    sum_middle(grad.data(), numel_of(batch), prod(gs, batch.size(), rest), inner, out.mutable_data());
+    sum_middle(grad.data(), numel_of(batch), terms, inner, out.mutable_data());
     return out;
   }
   // sum the dims broadcasting added in front of the input, and those where it
