@@ -1,7 +1,9 @@
 // Model and loss Hessians. The gradient is taken once with create_graph; then
 // chunks of k identity rows go through its graph as one batched backward pass,
-// and each chunk's k Hessian rows are written straight into the result.
+// and each chunk's k Hessian rows are written straight into the result (or,
+// for a large one, into a staging buffer that is streamed out).
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -12,6 +14,10 @@
 #include "hesse/io.hpp"
 #include "request.hpp"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace hesse {
 
 using namespace detail;
@@ -21,10 +27,10 @@ namespace {
 std::size_t global_limit = std::size_t(4) << 30;
 
 // Sinks writing into the two result layouts, from output entry `base` on.
-// Rows come for the upper blocks (p, q >= p) only: mirror_upper_blocks
-// completes a matrix, mirror_dict_blocks a dict, afterwards. They write
-// through pointers taken once, on the calling thread: samples' rows may
-// arrive on several threads, and a Tensor's mutable_data() is not for them.
+// Rows come for the upper blocks (p, q >= p) only: complete_matrix completes
+// a matrix, mirror_dict_blocks a dict, afterwards. They write through
+// pointers taken once, on the calling thread: samples' rows may arrive on
+// several threads, and a shared Tensor's mutable_data() is not for them.
 RowSink matrix_sink(double* data, std::size_t base, const Selection& sel) {
   return [data, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
     double* matrix = data + (base + e) * sel.n * sel.n;
@@ -73,21 +79,13 @@ RowSink dict_sink(const DictBlocks& blocks, std::size_t base, const Selection& s
   };
 }
 
-// Block (q, p) = block (p, q)ᵀ for every p < q of an n × n matrix.
-void mirror_upper_blocks(double* m, const Selection& sel) {
-  const std::size_t n = sel.n;
-  for (std::size_t p = 0; p < sel.params.size(); ++p)
-    for (std::size_t q = p + 1; q < sel.params.size(); ++q)
-      detail::transpose_into(m + sel.offsets[p] * n + sel.offsets[q], n, sel.sizes[p], sel.sizes[q],
-                             m + sel.offsets[q] * n + sel.offsets[p], n);
-}
-
 // Completes an n × n matrix whose rows reached the blocks `reached` marks:
 // an upper block no row reached is zero, and each lower block is the
 // transpose of its upper one (zero with diagonal_only). The matrix was never
-// cleared: at this size that would be one more pass over memory. The lower
-// blocks are done in stripes of 64 rows, spread over threads.
-void complete_matrix(double* m, const Selection& sel, const ReachedBlocks& reached, bool diagonal_only) {
+// cleared: that would be one more pass over memory. On threads, the lower
+// blocks are done in stripes of 64 rows, spread over them.
+void complete_matrix(double* m, const Selection& sel, const ReachedBlocks& reached, bool diagonal_only,
+                     bool on_threads) {
   const std::size_t n = sel.n, P = sel.params.size();
   for (std::size_t p = 0; p < P; ++p)
     for (std::size_t q = p; q < P; ++q)
@@ -103,16 +101,87 @@ void complete_matrix(double* m, const Selection& sel, const ReachedBlocks& reach
     for (std::size_t q = p + 1; q < P; ++q)
       for (std::size_t first = 0; first < sel.sizes[q]; first += kStripeRows)
         stripes.push_back({p, q, first, std::min(kStripeRows, sel.sizes[q] - first)});
-  for_each_part(stripes.size(), [&](std::size_t i) {
+  auto lower = [&](std::size_t i) {
     const auto [p, q, first, rows] = stripes[i];
-    double* lower = m + (sel.offsets[q] + first) * n + sel.offsets[p];
+    double* to = m + (sel.offsets[q] + first) * n + sel.offsets[p];
     if (diagonal_only) {
-      for (std::size_t r = 0; r < rows; ++r) std::fill_n(lower + r * n, sel.sizes[p], 0.0);
+      for (std::size_t r = 0; r < rows; ++r) std::fill_n(to + r * n, sel.sizes[p], 0.0);
       return;
     }
-    detail::transpose_into(m + sel.offsets[p] * n + sel.offsets[q] + first, n, sel.sizes[p], rows, lower, n);
-  });
+    detail::transpose_into(m + sel.offsets[p] * n + sel.offsets[q] + first, n, sel.sizes[p], rows, to, n);
+  };
+  if (on_threads) return for_each_part(stripes.size(), lower);
+  for (std::size_t i = 0; i < stripes.size(); ++i) lower(i);
 }
+
+#if defined(__x86_64__)
+// 32-byte streaming stores (16-byte ones drain measurably slower here)
+__attribute__((target("avx"))) void stream_lines(double* dst, const double* src, std::size_t count) {
+  for (std::size_t i = 0; i < count; i += 4) _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
+  _mm_sfence();  // ordered before whatever the caller does next
+}
+#endif
+
+// dst[0, count) = src[0, count), the whole 64-byte lines of dst stored past
+// the cache. A result larger than the caches goes out to memory anyway: a
+// plain store would first read each line of it from there.
+void stream_copy(double* dst, const double* src, std::size_t count) {
+  std::size_t head = count, lines = 0;
+#if defined(__x86_64__)
+  const std::size_t misalign = reinterpret_cast<std::uintptr_t>(dst) % 64;
+  if (misalign % sizeof(double) == 0 && __builtin_cpu_supports("avx")) {
+    head = std::min(count, (64 - misalign) % 64 / sizeof(double));
+    lines = (count - head) / 8 * 8;
+    stream_lines(dst + head, src + head, lines);
+  }
+#endif
+  std::memcpy(dst, src, head * sizeof(double));
+  std::memcpy(dst + head + lines, src + head + lines, (count - head - lines) * sizeof(double));
+}
+
+// Results larger than this go out to memory past the cache (the cores' own
+// caches hold a few MB; the last level is shared), through staging buffers
+// of at most kStagedBytes that stay in a core's cache.
+constexpr std::size_t kStreamedResultBytes = std::size_t(4) << 20, kStagedBytes = std::size_t(512) << 10;
+
+/// Writes the n × n Hessians of output entries into a dense result, one
+/// group of entries at a time (as hessians_of_entries takes them): each
+/// group's matrices are completed right after their rows arrive, while they
+/// are in cache. The result is never cleared, so each line of it is written
+/// once; in a large result, each group is built in a staging buffer first and
+/// streamed out.
+class MatrixWriter {
+ public:
+  MatrixWriter(double* result, std::size_t matrices, const Selection& sel, const HessianOptions& o)
+      : result_(result),
+        sel_(sel),
+        o_(o),
+        streamed_(saturating_mul(matrices, dense_bytes(sel, 1, false)) >= kStreamedResultBytes) {}
+
+  /// The Hessians of y's entries, as matrices first, first + 1, ... of the result.
+  void write(const Tensor& y, std::size_t first) const {
+    for (std::size_t e = 0; e < y.numel(); e += kEntryGroup)
+      write_group(y, e, std::min(kEntryGroup, y.numel() - e), result_ + (first + e) * sel_.n * sel_.n);
+  }
+
+ private:
+  void write_group(const Tensor& y, std::size_t first, std::size_t count, double* to) const {
+    const std::size_t size = count * sel_.n * sel_.n;
+    const bool staged = streamed_ && size * sizeof(double) <= kStagedBytes;
+    Tensor stage = staged ? staging_buffer(size) : Tensor();
+    double* m = staged ? stage.mutable_data() : to;
+    ReachedBlocks reached(sel_.params.size());
+    hessian_rows(y, first, count, sel_, o_, reached.noting(matrix_sink(m, 0, sel_)));
+    for (std::size_t e = 0; e < count; ++e)
+      complete_matrix(m + e * sel_.n * sel_.n, sel_, reached, o_.diagonal_only, false);
+    if (staged) stream_copy(to, m, size);
+  }
+
+  double* result_;
+  const Selection& sel_;
+  const HessianOptions& o_;
+  bool streamed_;
+};
 
 // The same for the output entries [first, first + count) of a dict.
 void mirror_dict_blocks(const DictBlocks& blocks, const Selection& sel, std::size_t first, std::size_t count) {
@@ -176,9 +245,9 @@ HessianDict model_hessian_dict(nn::Module& model, const std::vector<Tensor>& inp
         d = empty_dict(sel, out_shape, o.diagonal_only);
         blocks = dict_blocks(d, sel);
       },
-      [&](std::size_t entry) { return dict_sink(blocks, entry, sel); }, [](std::size_t, std::size_t) {},
-      [&](std::size_t first, std::size_t count) {
-        if (!o.diagonal_only) mirror_dict_blocks(blocks, sel, first, count);
+      [&](const Tensor& y, std::size_t base) {
+        hessians_of_entries(y, sel, o, [&](std::size_t first) { return dict_sink(blocks, base + first, sel); });
+        if (!o.diagonal_only) mirror_dict_blocks(blocks, sel, base, y.numel());
       });
   return d;
 }
@@ -187,23 +256,14 @@ Tensor model_hessian_matrix(nn::Module& model, const std::vector<Tensor>& inputs
   const Selection sel = select("model_hessian_matrix", model, o);
   RequestScope scope(model, sel);
   Tensor h;
-  double* values = nullptr;
-  const std::size_t n = sel.n;
-  // Each sample's matrices are cleared just before their rows arrive and
-  // mirrored right after, while they are in cache: the result can be far
-  // larger than the cache.
+  std::unique_ptr<MatrixWriter> writer;
   model_hessians(
       "model_hessian_matrix", model, inputs, sel, o,
       [&](const Shape& out_shape) {
-        h = Tensor::empty(detail::concat_shape(out_shape, {n, n}));
-        values = h.mutable_data();
+        h = Tensor::empty(detail::concat_shape(out_shape, {sel.n, sel.n}));
+        writer = std::make_unique<MatrixWriter>(h.mutable_data(), numel_of(out_shape), sel, o);
       },
-      [&](std::size_t entry) { return matrix_sink(values, entry, sel); },
-      [&](std::size_t first, std::size_t count) { std::fill_n(values + first * n * n, count * n * n, 0.0); },
-      [&](std::size_t first, std::size_t count) {
-        if (o.diagonal_only) return;
-        for (std::size_t e = first; e < first + count; ++e) mirror_upper_blocks(values + e * n * n, sel);
-      });
+      [&](const Tensor& y, std::size_t base) { writer->write(y, base); });
   return h;
 }
 
@@ -233,7 +293,7 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
   Tensor h = Tensor::empty({sel.n, sel.n});
   ReachedBlocks reached(sel.params.size());
   rows_on_threads(run, run, sel, o, reached.noting(matrix_sink(h.mutable_data(), 0, sel)));
-  complete_matrix(h.mutable_data(), sel, reached, o.diagonal_only);
+  complete_matrix(h.mutable_data(), sel, reached, o.diagonal_only, true);
   return h;
 }
 
@@ -244,15 +304,10 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
   RequestScope scope(model, sel);
   const std::size_t batches = batch_size(api, inputs, target);
   check_memory(api, sel, batches, o);
+  ReuseScope reuse;  // every sample's passes take seed batches of the same shapes
   Tensor h = Tensor::empty({batches, sel.n, sel.n});
-  double* values = h.mutable_data();
-  const std::size_t n = sel.n;
-  // each sample's matrix cleared just before its rows arrive, and mirrored right after, while in cache
-  SampleWork samples(batches, o.progress, [&](const Tensor& loss, std::size_t b) {
-    std::fill_n(values + b * n * n, n * n, 0.0);
-    hessian_rows(loss, 0, 1, sel, o, matrix_sink(values, b, sel));
-    if (!o.diagonal_only) mirror_upper_blocks(values + b * n * n, sel);
-  });
+  const MatrixWriter writer(h.mutable_data(), batches, sel, o);
+  SampleWork samples(batches, o.progress, [&](const Tensor& loss, std::size_t b) { writer.write(loss, b); });
   for (std::size_t b = 0; b < batches; ++b)
     samples.add(scalar_loss(api, criterion, run_sample(api, model, inputs, b), sample_target(target, b)), b);
   samples.finish();

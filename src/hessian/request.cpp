@@ -116,7 +116,7 @@ std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_
 
 namespace {
 
-thread_local SeedReuse* active_reuse = nullptr;
+thread_local ReuseScope* active_reuse = nullptr;
 // Batches a scope keeps alive: the shapes of a request are few (the entry
 // seeds; per parameter, whole chunks and a last partial one), and what is
 // kept is memory held until the scope ends.
@@ -124,17 +124,17 @@ constexpr std::size_t kKeptSeedBatches = 8;
 
 }  // namespace
 
-SeedReuse::SeedReuse() : outermost_(active_reuse == nullptr) {
+ReuseScope::ReuseScope() : outermost_(active_reuse == nullptr) {
   if (outermost_) active_reuse = this;
 }
 
-SeedReuse::~SeedReuse() {
+ReuseScope::~ReuseScope() {
   if (outermost_) active_reuse = nullptr;
 }
 
 // The batch of this shape that no one else holds; else a new one, in a free
 // slot or in place of the least recently used batch no one holds.
-SeedReuse::Batch* SeedReuse::batch_for(const Shape& shape) {
+ReuseScope::Batch* ReuseScope::batch_for(const Shape& shape) {
   Batch* oldest_free = nullptr;
   for (Batch& b : batches_) {
     if (!held_alone(b.values)) continue;
@@ -153,7 +153,7 @@ SeedReuse::Batch* SeedReuse::batch_for(const Shape& shape) {
 }
 
 Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones) {
-  SeedReuse::Batch* kept = active_reuse ? active_reuse->batch_for(shape) : nullptr;
+  ReuseScope::Batch* kept = active_reuse ? active_reuse->batch_for(shape) : nullptr;
   Tensor values = kept ? kept->values : zeros(shape);
   double* v = values.mutable_data();
   if (kept) {
@@ -162,6 +162,13 @@ Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones) {
   }
   for (std::size_t i : ones) v[i] = 1.0;
   return values;
+}
+
+Tensor staging_buffer(std::size_t size) {
+  if (!active_reuse) return Tensor::empty({size});
+  Tensor& kept = active_reuse->staging_;
+  if (!kept.defined() || kept.numel() < size) kept = Tensor::empty({size});
+  return kept;
 }
 
 namespace {
@@ -176,7 +183,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
                   const HessianOptions& o, const RowSink& sink, const std::vector<bool>* wanted_blocks,
                   RowQueue* queue) {
   if (!y.requires_grad()) return;  // constant in θ: the Hessians are zero
-  SeedReuse reuse;  // across the chunks below (and the samples of an enclosing scope)
+  ReuseScope reuse;  // across the chunks below (and the samples of an enclosing scope)
   const std::size_t per_seed = count * tape_elements(y);
   std::vector<std::size_t> ones(count);
   for (std::size_t e = 0; e < count; ++e) ones[e] = e * y.numel() + first + e;
@@ -227,9 +234,11 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
     const auto [p, t0, k] = chunks[c];
     std::vector<std::pair<std::size_t, std::size_t>> picks(k);  // (entry, row of p) of each seed
     ones.resize(k);
+    std::size_t entry = t0 / sel.sizes[p], row = t0 % sel.sizes[p];  // counted on, not divided (per seed, that showed)
     for (std::size_t i = 0; i < k; ++i) {
-      picks[i] = {(t0 + i) / sel.sizes[p], (t0 + i) % sel.sizes[p]};
-      ones[i] = (i * count + picks[i].first) * sel.sizes[p] + picks[i].second;
+      picks[i] = {entry, row};
+      ones[i] = (i * count + entry) * sel.sizes[p] + row;
+      if (++row == sel.sizes[p]) row = 0, ++entry;
     }
     const Tensor seeds = one_hot_seeds(concat_shape({k, count}, sel.params[p].shape()), ones);
     const std::vector<Tensor> rows = grad({g[p]}, wrt[p], {seeds}, second_level);
@@ -366,7 +375,7 @@ void spread(std::size_t first, std::size_t count, std::size_t threads,
   Crew crew;
   std::atomic<std::size_t> next{first};
   auto parts = [&] {
-    SeedReuse reuse_here;
+    ReuseScope reuse_here;
     for (std::size_t i; !crew.failed() && (i = next++) < count;) work(i);
   };
   for (std::size_t t = 1; t < threads && crew.add(parts); ++t) {
@@ -691,7 +700,7 @@ void check_sample_output(const char* api, const Tensor& y, std::size_t b, const 
 
 Outputs model_outputs(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const HessianOptions& o) {
   return [=, &model, &inputs](const StartFn& start, const OutputFn& each) {
-    SeedReuse reuse;  // every sample's (and entry group's) passes take seed batches of the same shapes
+    ReuseScope reuse;  // every sample's (and entry group's) passes take seed batches of the same shapes
     const std::size_t batches = output_count(api, inputs, o);
     Shape first;
     for (std::size_t b = 0; b < batches; ++b) {

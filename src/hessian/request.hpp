@@ -91,7 +91,7 @@ using RowSink = std::function<void(std::size_t entry, std::size_t p, std::size_t
                                    const double* values)>;
 
 /// One-hot seed batches: zeros of `shape` with ones at the flat positions
-/// `ones`. Inside a SeedReuse scope a batch of the same shape is taken again
+/// `ones`. Inside a ReuseScope a batch of the same shape is taken again
 /// when no one else holds it: only the last pass's ones are wiped, where a
 /// fresh batch would clear every entry (a sample's seeds for a first layer's
 /// weight are k × k entries for k ones: clearing them was a tenth of a
@@ -99,17 +99,25 @@ using RowSink = std::function<void(std::size_t entry, std::size_t p, std::size_t
 /// not hold alone, and the scope holds each batch too.
 Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones);
 
-/// Keeps seed batches for one_hot_seeds on this thread while it lives; a scope
-/// opened inside another leaves the outer one in charge.
-class SeedReuse {
+/// A buffer of at least `size` values, holding whatever it held before. In a
+/// ReuseScope it is the scope's one staging buffer: a thread that stages
+/// sample after sample finds it in its own core's cache (a buffer from the
+/// shared pool may come hot from another core's).
+Tensor staging_buffer(std::size_t size);
+
+/// Keeps what a thread uses again and again in a request while it lives: the
+/// seed batches of one_hot_seeds and the staging buffer. A scope opened inside
+/// another leaves the outer one in charge.
+class ReuseScope {
  public:
-  SeedReuse();
-  ~SeedReuse();
-  SeedReuse(const SeedReuse&) = delete;
-  SeedReuse& operator=(const SeedReuse&) = delete;
+  ReuseScope();
+  ~ReuseScope();
+  ReuseScope(const ReuseScope&) = delete;
+  ReuseScope& operator=(const ReuseScope&) = delete;
 
  private:
   friend Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones);
+  friend Tensor staging_buffer(std::size_t size);
   struct Batch {
     Tensor values;
     std::vector<std::size_t> ones;  // where values holds 1
@@ -118,6 +126,7 @@ class SeedReuse {
   Batch* batch_for(const Shape& shape);
   std::vector<Batch> batches_;
   std::size_t uses_ = 0;
+  Tensor staging_;
   bool outermost_;
 };
 
@@ -344,25 +353,19 @@ std::size_t output_count(const char* api, const std::vector<Tensor>& inputs, con
 
 // One Hessian per entry of the model's output. With is_batch, sample b is run
 // alone (batch of one) and its entries fill row b of the result. The model
-// runs on the calling thread; the samples' derivatives may run on helper
-// threads (work_on_outputs). prepare and finish(first entry, count) run just
-// before and after each output's rows, so that a result can be cleared and
-// completed while that part is in cache.
-template <class MakeResult, class SinkFor, class Prepare, class Finish>
+// runs on the calling thread; each output's work(y, first entry) may run on a
+// helper thread (work_on_outputs), right after its forward pass, so that its
+// part of the result is written while in cache.
+template <class MakeResult, class Work>
 void model_hessians(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, const Selection& sel,
-                    const HessianOptions& o, MakeResult make_result, SinkFor sink_for, Prepare prepare,
-                    Finish finish) {
+                    const HessianOptions& o, MakeResult make_result, Work work) {
   work_on_outputs(
       model_outputs(api, model, inputs, o), output_count(api, inputs, o), o,
       [&](const Shape& lead) {
         check_memory(api, sel, numel_of(lead), o);
         make_result(lead);
       },
-      [&](const Tensor& y, std::size_t base) {
-        prepare(base, y.numel());
-        hessians_of_entries(y, sel, o, [&](std::size_t first) { return sink_for(base + first); });
-        finish(base, y.numel());
-      });
+      work);
 }
 
 /// The position of `name` in `names`, or a ValueError naming `api` and the known names.
