@@ -132,6 +132,14 @@ BOOST_AUTO_TEST_CASE(outer_products_of_every_size) {
       CHECK_CLOSE(matmul(a, b), reference_matmul(a, b), 0.0);
     }
   }
+  // rows of 2 to 4 are written by their own loops however many there are;
+  // so are a batch's single-row Aᵢᵀ times B (a seed batch's weight gradients)
+  for (const std::size_t n : {2, 3, 4, 5}) {
+    const Tensor a = randn({1500, 1}, gen), b = randn({1, n}, gen);
+    CHECK_CLOSE(matmul(a, b), reference_matmul(a, b), 0.0);
+    const Tensor rows = randn({300, 1, 16}, gen);
+    CHECK_CLOSE(matmul(transpose(rows, 1, 2), b), reference_matmul(reference_permute(rows, {0, 2, 1}), b), 0.0);
+  }
   // C = A B with one row (dB = Aᵀ G: an outer product of a transposed A) and
   // with one column (dA = G Bᵀ: an outer product of a transposed B)
   for (std::size_t size : {3, 40, 90}) {
@@ -140,6 +148,23 @@ BOOST_AUTO_TEST_CASE(outer_products_of_every_size) {
     const Tensor A2 = normal({size - 1, size}, gen), B2 = normal({size, 1}, gen), G2 = randn({size - 1, 1}, gen);
     CHECK_CLOSE(grad(matmul(A2, B2), A2, G2), reference_matmul(G2, reference_permute(B2.detach(), {1, 0})), 0.0);
     check_derivatives("outer " + std::to_string(size), kMatmul, {normal({size, 1}, gen), normal({1, size}, gen)});
+  }
+}
+
+// A batch of B's against one A of at most 4 columns (a seed batch through a
+// model's small output layer) is a loop of its own past the tiny-product
+// size, summing as the reference does; with op(A) = Aᵀ too.
+BOOST_AUTO_TEST_CASE(a_batch_against_a_narrow_a) {
+  Generator gen(6);
+  const std::vector<std::pair<Shape, Shape>> cases = {
+      {{2, 2}, {128, 2, 16}}, {{16, 3}, {40, 3, 10}}, {{5, 4}, {300, 4, 3}}, {{7, 1}, {700, 1, 1}}, {{3, 2}, {4, 30, 2, 9}}};
+  for (const auto& [sa, sb] : cases) {
+    BOOST_TEST_CONTEXT(to_string(sa) << " @ " << to_string(sb)) {
+      const Tensor a = randn(sa, gen), b = randn(sb, gen);
+      CHECK_CLOSE(matmul(a, b), reference_matmul(a, b), 0.0);
+      const Tensor at = randn({sa[1], sa[0]}, gen);
+      CHECK_CLOSE(matmul(transpose(at), b), reference_matmul(reference_permute(at, {1, 0}), b), 0.0);
+    }
   }
 }
 

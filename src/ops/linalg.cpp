@@ -138,10 +138,28 @@ void small_gemm(const MatmulDims& d, const double* a, const double* b, double* c
 // k = 1: c = a bᵀ whatever the flags (a and b are vectors either way). For
 // small ones (per-sample gradients are full of them) BLAS's packing costs more
 // than the product; large ones are store-bound, and BLAS's threads store faster.
+// Rows of up to 4 (a seed batch's outer products with a small input) are
+// written by a loop with n fixed at compile time, whatever their number: a
+// loop over a runtime n that short costs three times as much.
 constexpr std::size_t kSmallOuter = 4096;  // m·n
-void outer_product(const MatmulDims& d, const double* a, const double* b, double* c) {
+template <std::size_t N = 0>
+HESSE_AVX2_CLONE void outer_product(const MatmulDims& d, const double* __restrict a, const double* __restrict b,
+                                    double* __restrict c) {
+  const std::size_t n = N ? N : d.n;
   for (std::size_t i = 0; i < d.m; ++i)
-    for (std::size_t j = 0; j < d.n; ++j) c[i * d.n + j] = a[i] * b[j];
+    for (std::size_t j = 0; j < n; ++j) c[i * n + j] = a[i] * b[j];
+}
+
+bool outer_product(const MatmulDims& d, const double* a, const double* b, double* c) {
+  switch (d.n) {
+    case 2: outer_product<2>(d, a, b, c); return true;
+    case 3: outer_product<3>(d, a, b, c); return true;
+    case 4: outer_product<4>(d, a, b, c); return true;
+    default:
+      if (d.m * d.n > kSmallOuter) return false;
+      outer_product<0>(d, a, b, c);
+      return true;
+  }
 }
 
 void small_gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
@@ -156,6 +174,17 @@ void small_gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const do
 template <std::size_t Cols = 0>
 HESSE_AVX2_CLONE void gemv_dots(const double* __restrict mat, std::size_t rows, std::size_t cols_,
                                 const double* __restrict x, double* __restrict y) {
+  if constexpr (Cols >= 2 && Cols <= 4) {  // the same sums, spelled out: x stays in registers
+    const double x0 = x[0], x1 = x[1], x2 = x[Cols > 2 ? 2 : 0], x3 = x[Cols > 3 ? 3 : 0];
+    for (std::size_t r = 0; r < rows; ++r) {
+      const double* row = mat + r * Cols;
+      const double s = row[0] * x0 + row[1] * x1;
+      if constexpr (Cols == 2) y[r] = s;
+      if constexpr (Cols == 3) y[r] = s + row[2] * x2;
+      if constexpr (Cols == 4) y[r] = s + (row[2] * x2 + row[3] * x3);
+    }
+    return;
+  }
   const std::size_t cols = Cols ? Cols : cols_;
   for (std::size_t r = 0; r < rows; ++r) {
     const double* row = mat + r * cols;
@@ -194,7 +223,7 @@ HESSE_AVX2_CLONE void gemv_axpy(const double* mat, std::size_t rows, std::size_t
 // (flops are counted once per product, in matmul_kernel: an atomic add per
 // tiny GEMM of a batch costs more than the GEMM)
 void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* b, double* c) {
-  if (d.k == 1 && d.m * d.n <= kSmallOuter) return outer_product(d, a, b, c);
+  if (d.k == 1 && outer_product(d, a, b, c)) return;
   if (d.m * d.n * d.k <= kSmallGemm) return small_gemm(ta, tb, d, a, b, c);
   // a product with one row or one column is a matrix-vector product: dgemm
   // packs whole panels for it, and OpenBLAS's dgemv starts threads even for
@@ -211,6 +240,36 @@ void gemm(bool ta, bool tb, const MatmulDims& d, const double* a, const double* 
   }
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(d.m), int(d.n),
               int(d.k), 1.0, a, ta ? int(d.m) : int(d.k), b, tb ? int(d.k) : int(d.n), 0.0, c, int(d.n));
+}
+
+// C[i] = op(A) B[i] for a batch of B's and an A of K ≤ 4 columns: A's row
+// stays in registers and C[i]'s row is one pass along B[i]'s K rows (as
+// dot_gemm sums). Folding would copy every B[i] side by side and C back.
+template <bool TA, std::size_t K>
+HESSE_AVX2_CLONE void narrow_a_each(const double* __restrict a, const double* __restrict b, double* __restrict c,
+                                    std::size_t batches, std::size_t m, std::size_t n) {
+  for (std::size_t i = 0; i < batches; ++i)
+    for (std::size_t r = 0; r < m; ++r) {
+      double ar[K];
+      for (std::size_t p = 0; p < K; ++p) ar[p] = TA ? a[p * m + r] : a[r * K + p];
+      const double* bi = b + i * K * n;
+      double* cr = c + (i * m + r) * n;
+      for (std::size_t j = 0; j < n; ++j) {
+        double acc = 0.0;
+        for (std::size_t p = 0; p < K; ++p) acc += ar[p] * bi[p * n + j];
+        cr[j] = acc;
+      }
+    }
+}
+
+template <bool TA>
+void narrow_a_each(const MatmulDims& d, const double* a, const double* b, double* c, std::size_t batches) {
+  switch (d.k) {
+    case 1: return narrow_a_each<TA, 1>(a, b, c, batches, d.m, d.n);
+    case 2: return narrow_a_each<TA, 2>(a, b, c, batches, d.m, d.n);
+    case 3: return narrow_a_each<TA, 3>(a, b, c, batches, d.m, d.n);
+    default: return narrow_a_each<TA, 4>(a, b, c, batches, d.m, d.n);
+  }
 }
 
 // C[i] = op(A) op(B[i]) for a batch of B's and one A, as one folded GEMM
@@ -296,12 +355,17 @@ void matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const Mat
     else tb ? tiny_batch<false, true>(a, b, d, c) : tiny_batch<false, false>(a, b, d, c);
     return;
   }
-  if (!a_batched && b_batched && numel_of(lead(b.shape())) == batches)
+  if (!a_batched && b_batched && numel_of(lead(b.shape())) == batches) {
+    if (!tb && d.k <= 4 && d.m <= 16)
+      return ta ? narrow_a_each<true>(d, a.data(), b.data(), c, batches)
+                : narrow_a_each<false>(d, a.data(), b.data(), c, batches);
     return matmul_shared_a(a, b, ta, tb, d, batches, c);
+  }
   if (a_batched && !b_batched && numel_of(lead(a.shape())) == batches) {
-    // C[i] = A[i]ᵀ op(B): transpose each A[i] once, then fold as above
-    Tensor at = Tensor::empty({batches * a_mat});
-    detail::transpose_each(a.data(), batches, d.k, d.m, at.mutable_data());
+    // C[i] = A[i]ᵀ op(B): transpose each A[i] once (a single row is its own
+    // transpose), then fold as above
+    Tensor at = d.k == 1 ? a : Tensor::empty({batches * a_mat});
+    if (d.k > 1) detail::transpose_each(a.data(), batches, d.k, d.m, at.mutable_data());
     MatmulDims folded = d;
     folded.m = d.m * batches;
     return gemm(false, tb, folded, at.data(), b.data(), c);
