@@ -96,7 +96,7 @@ const std::vector<std::pair<Shape, Shape>> kMatmulCases = {
     {{2, 2}, {2, 2}}, {{2, 5}, {5, 2}}, {{3, 2, 2}, {2, 2}}, {{2, 2}, {4, 2, 2}}, {{3, 2, 7}, {3, 7, 2}},
     // matrix-vector products past the plain loop's size (m·k > 512), with rows of
     // 2, 3 and 4 (their own kernels) and of 5
-    {{300, 2}, {2}}, {{200, 3}, {3}}, {{2, 100, 4}, {4, 1}}, {{130, 5}, {5}}};
+    {{300, 2}, {2}}, {{200, 3}, {3}}, {{2, 100, 4}, {4, 1}}, {{203, 4}, {4}}, {{130, 5}, {5}}};
 
 }  // namespace
 

@@ -26,38 +26,33 @@ namespace {
 
 std::size_t global_limit = std::size_t(4) << 30;
 
-// Sinks writing into the two result layouts, from output entry `base` on.
-// Rows come for the upper blocks (p, q >= p) only: complete_matrix completes
-// a matrix, mirror_dict_blocks a dict, afterwards. They write through
-// pointers taken once, on the calling thread: samples' rows may arrive on
-// several threads, and a shared Tensor's mutable_data() is not for them.
-RowSink matrix_sink(double* data, std::size_t base, const Selection& sel) {
-  return [data, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
-    double* matrix = data + (base + e) * sel.n * sel.n;
-    std::memcpy(matrix + (sel.offsets[p] + row) * sel.n + sel.offsets[q], values, sel.sizes[q] * sizeof(double));
-  };
-}
-
 /// The blocks (p, q) that rows reached, P × P (rows arrive on several threads).
 class ReachedBlocks {
  public:
   explicit ReachedBlocks(std::size_t P) : P_(P), flags_(new std::atomic<bool>[P * P]) {
     for (std::size_t i = 0; i < P * P; ++i) flags_[i] = false;
   }
-  /// `sink`, noting the blocks its rows reach.
-  RowSink noting(RowSink sink) {
-    return [this, sink = std::move(sink)](std::size_t e, std::size_t p, std::size_t row, std::size_t q,
-                                           const double* values) {
-      flags_[p * P_ + q].store(true, std::memory_order_relaxed);
-      sink(e, p, row, q, values);
-    };
-  }
+  void note(std::size_t p, std::size_t q) { flags_[p * P_ + q].store(true, std::memory_order_relaxed); }
   bool reached(std::size_t p, std::size_t q) const { return flags_[p * P_ + q]; }
 
  private:
   std::size_t P_;
   std::unique_ptr<std::atomic<bool>[]> flags_;
 };
+
+// Sinks writing into the two result layouts. Rows come for the upper blocks
+// (p, q >= p) only: complete_matrix completes a matrix (the matrix sink notes
+// the blocks its rows reach for it), mirror_dict_blocks a dict, afterwards.
+// They write through pointers taken once, on the calling thread: samples'
+// rows may arrive on several threads, and a shared Tensor's mutable_data() is
+// not for them.
+RowSink matrix_sink(double* data, const Selection& sel, ReachedBlocks& reached) {
+  return [data, &sel, &reached](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
+    reached.note(p, q);
+    double* matrix = data + e * sel.n * sel.n;
+    std::memcpy(matrix + (sel.offsets[p] + row) * sel.n + sel.offsets[q], values, sel.sizes[q] * sizeof(double));
+  };
+}
 
 /// Each block's values, [p * P + q] (null where the dict has no block).
 using DictBlocks = std::vector<double*>;
@@ -171,7 +166,7 @@ class MatrixWriter {
     Tensor stage = staged ? staging_buffer(size) : Tensor();
     double* m = staged ? stage.mutable_data() : to;
     ReachedBlocks reached(sel_.params.size());
-    hessian_rows(y, first, count, sel_, o_, reached.noting(matrix_sink(m, 0, sel_)));
+    hessian_rows(y, first, count, sel_, o_, matrix_sink(m, sel_, reached));
     for (std::size_t e = 0; e < count; ++e)
       complete_matrix(m + e * sel_.n * sel_.n, sel_, reached, o_.diagonal_only, false);
     if (staged) stream_copy(to, m, size);
@@ -292,7 +287,7 @@ Tensor loss_hessian_matrix(nn::Module& model, const Criterion& criterion, const 
   check_memory(api, sel, 1, o);  // before any work
   Tensor h = Tensor::empty({sel.n, sel.n});
   ReachedBlocks reached(sel.params.size());
-  rows_on_threads(run, run, sel, o, reached.noting(matrix_sink(h.mutable_data(), 0, sel)));
+  rows_on_threads(run, run, sel, o, matrix_sink(h.mutable_data(), sel, reached));
   complete_matrix(h.mutable_data(), sel, reached, o.diagonal_only, true);
   return h;
 }

@@ -13,6 +13,10 @@
 #include "hesse/profile.hpp"
 #include "../detail.hpp"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace hesse {
 namespace {
 
@@ -201,11 +205,32 @@ HESSE_AVX2_CLONE void gemv_dots(const double* __restrict mat, std::size_t rows, 
   }
 }
 
+#if defined(__x86_64__)
+// gemv_dots<4> four rows at a time: the same two pairwise sums per row, the
+// rows' products added pairwise by hadd and the halves by one shuffle.
+__attribute__((target("avx"))) void gemv_rows_of_4(const double* mat, std::size_t rows, const double* x, double* y) {
+  const __m256d xs = _mm256_loadu_pd(x);
+  std::size_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const double* m = mat + r * 4;
+    const __m256d p0 = _mm256_mul_pd(_mm256_loadu_pd(m), xs), p1 = _mm256_mul_pd(_mm256_loadu_pd(m + 4), xs);
+    const __m256d p2 = _mm256_mul_pd(_mm256_loadu_pd(m + 8), xs), p3 = _mm256_mul_pd(_mm256_loadu_pd(m + 12), xs);
+    const __m256d h01 = _mm256_hadd_pd(p0, p1), h23 = _mm256_hadd_pd(p2, p3);  // [s01(0), s01(1), s23(0), s23(1)]
+    _mm256_storeu_pd(y + r, _mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20), _mm256_permute2f128_pd(h01, h23, 0x31)));
+  }
+  gemv_dots<4>(mat + r * 4, rows - r, 4, x, y + r);
+}
+#endif
+
 void gemv_dots(const double* mat, std::size_t rows, std::size_t cols, const double* x, double* y) {
   switch (cols) {
     case 2: return gemv_dots<2>(mat, rows, cols, x, y);
     case 3: return gemv_dots<3>(mat, rows, cols, x, y);
-    case 4: return gemv_dots<4>(mat, rows, cols, x, y);
+    case 4:
+#if defined(__x86_64__)
+      if (__builtin_cpu_supports("avx")) return gemv_rows_of_4(mat, rows, x, y);
+#endif
+      return gemv_dots<4>(mat, rows, cols, x, y);
     default: return gemv_dots<0>(mat, rows, cols, x, y);
   }
 }
