@@ -296,29 +296,86 @@ class OneBlasThread {
   static inline int previous_ = 1;
 };
 
+namespace {
+
+// Helper threads, kept between requests: starting one costs tens of
+// microseconds, and a new thread starts with empty caches of tensor blocks.
+// A task goes to an idle helper or to a new one, never behind another
+// request's task. Idle helpers wait for work until the process ends.
+class Helpers {
+ public:
+  static Helpers& all() {
+    static Helpers* helpers = new Helpers();  // never destroyed: idle helpers outlive static destruction
+    return *helpers;
+  }
+
+  /// Runs task() on a helper; throws when no thread can be started.
+  void start(std::function<void()> task) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!idle_.empty()) {
+        Helper* h = idle_.back();
+        idle_.pop_back();
+        h->task = std::move(task);
+        h->woken.notify_one();
+        return;
+      }
+    }
+    auto h = std::make_unique<Helper>();
+    h->task = std::move(task);
+    std::thread([this, h = h.get()] { serve(h); }).detach();
+    h.release();  // the thread's from now on
+  }
+
+ private:
+  struct Helper {
+    std::function<void()> task;  // empty while idle
+    std::condition_variable woken;
+  };
+
+  void serve(Helper* h) {
+    for (;;) {
+      h->task();  // tasks keep their own exceptions (Crew::run)
+      std::unique_lock<std::mutex> lock(mutex_);
+      h->task = nullptr;
+      idle_.push_back(h);
+      h->woken.wait(lock, [h] { return static_cast<bool>(h->task); });
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<Helper*> idle_;
+};
+
+}  // namespace
+
 Crew::Crew() = default;
 Crew::~Crew() {
-  if (!helpers_.empty()) failed_ = true;  // stopped early (an exception on the calling thread)
+  failed_ = true;  // helpers still at work stop taking parts (an exception on the calling thread)
   join();
 }
 
 bool Crew::add(std::function<void()> work) {
   try {
     if (!blas_) blas_ = std::make_unique<OneBlasThread>();
-    helpers_.reserve(helpers_.size() + 1);
-    std::lock_guard<std::mutex> lock(mutex_);
-    helpers_.emplace_back([this, work = std::move(work)] {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++running_;
+    }
+    Helpers::all().start([this, work = std::move(work)]() mutable {
       {
         MutedProgress muted;  // the calling thread reports
         run(work);
       }
+      work = nullptr;  // what it holds goes before the crew counts it done
       std::lock_guard<std::mutex> lock(mutex_);
       --running_;
       helper_returned_.notify_all();
     });
-    ++running_;
     return true;
   } catch (...) {  // no thread to be had: the running ones do its part
+    std::lock_guard<std::mutex> lock(mutex_);
+    --running_;
     return false;
   }
 }
@@ -350,8 +407,9 @@ void Crew::keep(std::exception_ptr error) {
 }
 
 void Crew::join() noexcept {
-  for (std::thread& helper : helpers_) helper.join();
-  helpers_.clear();
+  std::unique_lock<std::mutex> lock(mutex_);
+  helper_returned_.wait(lock, [this] { return running_ == 0; });
+  lock.unlock();
   blas_.reset();
 }
 

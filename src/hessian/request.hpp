@@ -172,7 +172,6 @@ class Crew {
  private:
   void keep(std::exception_ptr error);
   void join() noexcept;
-  std::vector<std::thread> helpers_;
   std::unique_ptr<OneBlasThread> blas_;  // while helpers run
   std::atomic<bool> failed_{false};
   std::mutex mutex_;
