@@ -103,6 +103,18 @@ TapeFacts tape_facts(const Tensor& y) {
   return facts;
 }
 
+NewTape new_tape(const Tensor& y, std::uint64_t since) {
+  NewTape tape;
+  walk_tape(
+      {y}, [&tape](const Node& n) { tape.elements += numel_of(n.output_shape); }, [](const TensorImpl*) {},
+      [&tape, since](const Node& n) {
+        if (n.sequence >= since) return false;
+        tape.shared = true;
+        return true;
+      });
+  return tape;
+}
+
 std::size_t tape_elements(const Tensor& y) { return std::max<std::size_t>(tape_facts(y).elements, 1); }
 
 // Seeds per backward pass: as many as keep one seed's copies of the whole tape
@@ -458,7 +470,13 @@ SampleWork::SampleWork(std::size_t count, bool progress, std::function<void(cons
       progress_(count > 1 ? std::make_unique<Progress>("per-sample Hessians", count, progress) : nullptr),
       since_(next_node_sequence()) {}
 
-SampleWork::~SampleWork() = default;
+SampleWork::~SampleWork() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_ = true;
+  }
+  changed_.notify_all();
+}
 
 void SampleWork::run(const Tensor& y, std::size_t i) {
   if (!progress_) return work_(y, i);
@@ -476,38 +494,71 @@ void SampleWork::add(const Tensor& y, std::size_t i) {
     const auto start = std::chrono::steady_clock::now();
     run(y, i);
     threads_ = threads_for(seconds_since(start), count_ - std::min(count_, i + 1), kPartsWorthThreads);
-    mode_ = threads_ > 1 ? Mode::keep : Mode::at_once;
-  } else if (mode_ == Mode::keep) {
-    const TapeFacts facts = tape_facts(y);
-    if (facts.oldest < made_since) {  // shares nodes with what came before it: no threads from here on
-      run_kept();
+    mode_ = threads_ > 1 ? Mode::queued : Mode::at_once;
+  } else if (mode_ == Mode::queued) {
+    const NewTape tape = new_tape(y, made_since);
+    if (tape.shared) {  // shares nodes with what came before it: no threads from here on
+      drain();
       mode_ = Mode::at_once;
       run(y, i);
     } else {
-      kept_.emplace_back(y, i);
-      kept_bytes_ += facts.elements * sizeof(double);
-      if (kept_bytes_ >= kKeptGraphBytes) run_kept();
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        queue_.push_back({y, i, tape.elements * sizeof(double)});
+        queued_bytes_ += queue_.back().bytes;
+      }
+      changed_.notify_one();
+      if (!helpers_started_) {
+        helpers_started_ = true;
+        for (std::size_t t = 1; t < threads_ && crew_.add([this] { serve(); }); ++t) {
+        }
+      }
+      Queued next;  // the queue holds enough: this thread takes its share too
+      while (queued_bytes_ >= kQueuedGraphBytes && take(next, false)) run(next.y, next.i);
+      if (progress_) progress_->update(done_);
     }
   } else {
     run(y, i);
   }
+  if (crew_.failed()) drain();  // rethrows a helper's error
   since_ = next_node_sequence();
 }
 
-void SampleWork::run_kept() {
-  const std::function<void()> report = [this] { progress_->update(done_); };
-  spread(
-      0, kept_.size(), std::min(threads_, kept_.size()),
-      [this](std::size_t k) {
-        run(kept_[k].first, kept_[k].second);
-        kept_[k].first = Tensor();  // its graph is no longer needed
-      },
-      progress_ ? report : nullptr);
-  kept_.clear();
-  kept_bytes_ = 0;
+bool SampleWork::take(Queued& next, bool wait) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (wait) changed_.wait(lock, [this] { return !queue_.empty() || closed_; });
+  if (queue_.empty() || crew_.failed()) return false;
+  next = std::move(queue_.front());
+  queue_.pop_front();
+  queued_bytes_ -= next.bytes;
+  return true;
 }
 
-void SampleWork::finish() { run_kept(); }
+void SampleWork::serve() {
+  ReuseScope reuse;  // this helper's seed batches and staging buffer, for every sample it takes
+  for (Queued next; take(next, true);) {
+    run(next.y, next.i);
+    next.y = Tensor();  // its graph is no longer needed
+  }
+}
+
+void SampleWork::drain() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_ = true;
+  }
+  changed_.notify_all();
+  for (Queued next; take(next, false);) {
+    run(next.y, next.i);
+    next.y = Tensor();
+  }
+  crew_.wait([this] {
+    if (progress_) progress_->update(done_);
+  });
+  crew_.finish();
+}
+
+void SampleWork::finish() { drain(); }
 
 RowQueue::RowQueue(std::function<Tensor()> copy, std::function<void(const Tensor&)> rows, const Tensor& y,
                    std::uint64_t since)

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -77,6 +78,14 @@ TapeFacts tape_facts(const Tensor& y);
 /// keeps between calls, are shared; threads must not run passes over them,
 /// since a pass writes into the nodes it runs through.
 inline bool owns_its_tape(const Tensor& y, std::uint64_t since) { return tape_facts(y).oldest >= since; }
+/// tape_facts of y's nodes made at or after `since`, and whether y reaches an
+/// older one; older nodes are left alone (see walk_tape), so that the walk may
+/// run while helpers' passes run through earlier outputs' graphs.
+struct NewTape {
+  std::size_t elements = 0;
+  bool shared = false;
+};
+NewTape new_tape(const Tensor& y, std::uint64_t since);
 
 /// Entries of every tensor on y's tape: what one seed carries through a backward pass.
 std::size_t tape_elements(const Tensor& y);
@@ -311,35 +320,48 @@ void for_each_part(std::size_t count, const std::function<void(std::size_t)>& wo
 /// The derivative work of `count` per-sample outputs, which the calling
 /// thread makes one at a time (the model runs there only) and hands to add()
 /// in order. The first sample's work runs at once and is timed. When the rest
-/// would take long enough to pay for threads, later samples are kept and
-/// their work spread over threads, in waves holding at most kKeptGraphBytes
-/// of graphs, for as long as each kept sample owns its tape (owns_its_tape);
-/// otherwise each sample's work runs at once, on this thread, as before.
-/// With more than one sample, the calling thread reports the samples done
-/// (`progress`), and the reports of each sample's work stay silent.
+/// would take long enough to pay for threads, later samples go into a queue
+/// that helpers take them from while this thread makes the next ones; it
+/// takes its share too once the queue holds kQueuedGraphBytes of graphs, and
+/// at finish(). A sample that does not own its tape (owns_its_tape) stops the
+/// queue: the work queued is done first, then each sample's work runs at
+/// once, on this thread, as without threads. With more than one sample, the
+/// calling thread reports the samples done (`progress`), and the reports of
+/// each sample's work stay silent.
 class SampleWork {
  public:
-  static constexpr std::size_t kKeptGraphBytes = std::size_t(16) << 20;
+  static constexpr std::size_t kQueuedGraphBytes = std::size_t(16) << 20;
   SampleWork(std::size_t count, bool progress, std::function<void(const Tensor& y, std::size_t i)> work);
-  ~SampleWork();
+  ~SampleWork();  // stops the helpers
   /// Sample i's output, just made.
   void add(const Tensor& y, std::size_t i);
-  /// Runs the work still kept; rethrows the first error.
+  /// Does the work still queued; rethrows the first error.
   void finish();
 
  private:
+  struct Queued {
+    Tensor y;
+    std::size_t i, bytes;
+  };
   void run(const Tensor& y, std::size_t i);
-  void run_kept();
+  bool take(Queued& next, bool wait);  // false: none (left, or to wait for)
+  void serve();                        // a helper's loop
+  void drain();                        // the queue emptied and the helpers stopped
   std::size_t count_;
   std::function<void(const Tensor&, std::size_t)> work_;
   std::unique_ptr<Progress> progress_;
   std::atomic<std::size_t> done_{0};
   std::thread::id caller_ = std::this_thread::get_id();
   std::uint64_t since_;  // the node sequence before the next sample's forward pass
-  enum class Mode { first, keep, at_once } mode_ = Mode::first;
+  enum class Mode { first, queued, at_once } mode_ = Mode::first;
   std::size_t threads_ = 1;
-  std::vector<std::pair<Tensor, std::size_t>> kept_;
-  std::size_t kept_bytes_ = 0;
+  bool helpers_started_ = false;
+  std::mutex mutex_;  // guards the queue
+  std::condition_variable changed_;
+  std::deque<Queued> queue_;
+  std::atomic<std::size_t> queued_bytes_{0};
+  bool closed_ = false;  // no more samples come
+  Crew crew_;            // last: it waits for the helpers before the queue goes
 };
 
 /// Visits `count` outputs (the samples of a model request, or its one output)
@@ -376,9 +398,12 @@ void check_bytes(const char* api, const std::string& what, std::size_t bytes, co
 
 // ---- structure on the tape (structure.cpp) ----
 /// Calls on_node for every node on the graphs of `roots` (once each) and
-/// on_leaf for every leaf they reach (possibly more than once).
+/// on_leaf for every leaf they reach (possibly more than once). Nodes for
+/// which keep_out(node) is true are left alone: neither marked, reported nor
+/// gone through (another thread may be running a pass through them).
 void walk_tape(const std::vector<Tensor>& roots, const std::function<void(const Node&)>& on_node,
-               const std::function<void(const detail::TensorImpl*)>& on_leaf);
+               const std::function<void(const detail::TensorImpl*)>& on_leaf,
+               const std::function<bool(const Node&)>& keep_out = nullptr);
 /// The gradient g[p] = ∂(Σ seeds ⊙ y)/∂θ_p of every selected parameter, recorded
 /// (create_graph); g[p] is undefined or constant where y does not depend on θ_p.
 /// `seeds` may carry leading batch dims; undefined seeds mean ones.

@@ -26,7 +26,8 @@ using namespace detail;
 namespace detail {
 
 void walk_tape(const std::vector<Tensor>& roots, const std::function<void(const Node&)>& on_node,
-               const std::function<void(const TensorImpl*)>& on_leaf) {
+               const std::function<void(const TensorImpl*)>& on_leaf,
+               const std::function<bool(const Node&)>& keep_out) {
   const std::uint64_t visited = new_epoch();
   std::vector<Node*> stack;
   for (const Tensor& r : roots) {
@@ -39,6 +40,7 @@ void walk_tape(const std::vector<Tensor>& roots, const std::function<void(const 
   while (!stack.empty()) {  // iterative: tapes can be deep
     Node* n = stack.back();
     stack.pop_back();
+    if (keep_out && keep_out(*n)) continue;
     if (n->epoch == visited) continue;
     n->epoch = visited;
     on_node(*n);
