@@ -825,6 +825,9 @@ struct WatchesItsThreads : nn::Module {
   std::chrono::milliseconds off_caller_delay{0};  // and on threads other than the constructing one
   std::thread::id caller = std::this_thread::get_id();
   bool keeps_a_node = false;  // W · 1 made on the first call, used by every later one
+  int keeps_a_node_from = -1;  // or made on this call (counted from 0), used by every later one,
+                               // whose derivatives (sharing it) refuse to run off the constructing thread
+  int calls = 0;
   Tensor kept;
   // A sample whose first input is this one waits, once and at most 10 s, until
   // a second thread has run the rule: whether helpers get work then does not
@@ -840,13 +843,16 @@ struct WatchesItsThreads : nn::Module {
   std::set<std::thread::id>* threads = &seen->threads;
   WatchesItsThreads() { W = register_parameter("W", Tensor{{0.5, -1.0}, {2.0, 0.25}}); }
   Tensor forward(const std::vector<Tensor>& in) override {
-    if (keeps_a_node && !kept.defined()) kept = W * 1.0;
-    const Tensor y = tanh(matmul(in[0], keeps_a_node ? kept : W));
+    const int call = calls++;
+    const bool keeping = keeps_a_node || (keeps_a_node_from >= 0 && call >= keeps_a_node_from);
+    if (keeping && !kept.defined()) kept = W * 1.0;
+    const Tensor y = tanh(matmul(in[0], keeping ? kept : W));
     const bool refuse = in[0].data()[0] < 0;
     const bool waits = in[0].data()[0] == waits_for_a_helper;
     auto s = seen;
     const std::thread::id only = only_on, home = caller;
     const auto everywhere = delay, off_caller = off_caller_delay;
+    const int keeps_from = keeps_a_node_from;
     return detail::record("watched", y.detach() * 1.0, {y}, [=](const Tensor& g, const Tensor&, Needs) {
       {
         std::unique_lock<std::mutex> lock(s->mutex);
@@ -863,6 +869,8 @@ struct WatchesItsThreads : nn::Module {
       if (refuse) throw ValueError("watched: refuses a negative sample");
       if (only != std::thread::id() && std::this_thread::get_id() != only)
         throw ValueError("watched: refuses to run off the caller's thread");
+      if (keeps_from >= 0 && call > keeps_from && std::this_thread::get_id() != home)
+        throw ValueError("watched: a sample sharing the kept node ran off the caller's thread");
       return std::vector<Tensor>{g};
     });
   }
@@ -1249,6 +1257,58 @@ BOOST_AUTO_TEST_CASE(threads_leave_shared_graphs_alone) {
       BOOST_CHECK_GT(max_abs(alone), 0.01);
     }
   }
+}
+
+// Samples queued for helpers while the calling thread makes the next ones:
+// one that reaches a node an earlier sample's graph holds stops the queue,
+// and it and every later sample are done on the calling thread.
+BOOST_AUTO_TEST_CASE(a_sample_sharing_nodes_midway_stops_the_queue) {
+  const Tensor x = Tensor{{1.0, 2.0}, {0.5, 3.0}, {1.5, -1.0}, {2.0, 0.5}, {0.25, 1.0}, {3.0, 2.0}};
+  Tensor alone;
+  {
+    ThreadCount one(1);
+    WatchesItsThreads m;
+    m.keeps_a_node_from = 3;
+    alone = model_hessian_matrix(m, {x});
+  }
+  ThreadCount three(3);
+  WatchesItsThreads m;
+  m.keeps_a_node_from = 3;     // sample 0 runs alone, 1 to 3 are queued, 4 shares 3's node
+  m.waits_for_a_helper = 0.5;  // sample 1 waits until a second thread has run the rule
+  CHECK_EXACT(model_hessian_matrix(m, {x}), alone);
+  BOOST_TEST(m.threads->size() >= 2u);
+  BOOST_CHECK_GT(max_abs(alone), 0.01);
+}
+
+// A queue that holds kQueuedGraphBytes of graphs makes the calling thread
+// take its share before it makes more: the results are the same.
+BOOST_AUTO_TEST_CASE(a_full_queue_is_worked_off_by_the_calling_thread_too) {
+  struct Wide : nn::Module {  // 1 MB of graph per sample, for two parameters; slow off the constructing thread
+    Tensor M = randn({3, 40000}, *std::make_unique<Generator>(3)), w, b;
+    std::thread::id home = std::this_thread::get_id();
+    Wide() {
+      w = register_parameter("w", Tensor{0.7});
+      b = register_parameter("b", Tensor{-0.2});
+    }
+    Tensor forward(const std::vector<Tensor>& in) override {
+      const Tensor y = sum(tanh(matmul(in[0], M) * w + b), {1}) * 1e-4;
+      const std::thread::id caller = home;
+      return detail::record("slow", y.detach() * 1.0, {y}, [caller](const Tensor& g, const Tensor&, Needs) {
+        if (std::this_thread::get_id() != caller) std::this_thread::sleep_for(std::chrono::milliseconds(3));
+        return std::vector<Tensor>{g};
+      });
+    }
+  } wide;
+  Generator gen(9);
+  const Tensor x = randn({40, 3}, gen);
+  Tensor alone;
+  {
+    ThreadCount one(1);
+    alone = model_hessian_matrix(wide, {x});
+  }
+  ThreadCount two(2);
+  CHECK_EXACT(model_hessian_matrix(wide, {x}), alone);
+  BOOST_CHECK_GT(max_abs(alone), 1e-3);
 }
 
 BOOST_AUTO_TEST_CASE(the_thread_count_defaults_to_the_cores) {
