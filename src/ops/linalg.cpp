@@ -574,9 +574,38 @@ namespace detail {
 // Four source rows at a time, so that every destination row gets four
 // contiguous values per visit instead of one, over column bands that keep the
 // destination lines in cache: 1.4-2.2x the speed of a tiled element loop.
+#if defined(__x86_64__)
+namespace {
+
+// Columns [c, c1) of four rows at s0 (rows src_stride apart), four columns at
+// a time transposed in registers, into four columns at dst; returns the first
+// column left (fewer than four).
+__attribute__((target("avx"))) std::size_t transpose_4x4s(const double* s0, std::size_t src_stride, std::size_t c,
+                                                          std::size_t c1, double* dst, std::size_t dst_stride) {
+  const double *s1 = s0 + src_stride, *s2 = s1 + src_stride, *s3 = s2 + src_stride;
+  for (; c + 4 <= c1; c += 4) {
+    const __m256d r0 = _mm256_loadu_pd(s0 + c), r1 = _mm256_loadu_pd(s1 + c);
+    const __m256d r2 = _mm256_loadu_pd(s2 + c), r3 = _mm256_loadu_pd(s3 + c);
+    const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);  // columns 0, 2 and 1, 3 of rows 0, 1
+    const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);  // the same of rows 2, 3
+    double* d = dst + c * dst_stride;
+    _mm256_storeu_pd(d, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(d + dst_stride, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(d + 2 * dst_stride, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(d + 3 * dst_stride, _mm256_permute2f128_pd(t1, t3, 0x31));
+  }
+  return c;
+}
+
+}  // namespace
+#endif
+
 void transpose_into(const double* src, std::size_t src_stride, std::size_t rows, std::size_t cols, double* dst,
                     std::size_t dst_stride) {
   constexpr std::size_t band = 64;
+#if defined(__x86_64__)
+  const bool avx = __builtin_cpu_supports("avx");
+#endif
   std::size_t r = 0;
   if (rows >= 4)
     for (std::size_t c0 = 0; c0 < cols; c0 += band) {
@@ -584,7 +613,11 @@ void transpose_into(const double* src, std::size_t src_stride, std::size_t rows,
       for (r = 0; r + 4 <= rows; r += 4) {
         const double* s0 = src + r * src_stride;
         const double *s1 = s0 + src_stride, *s2 = s1 + src_stride, *s3 = s2 + src_stride;
-        for (std::size_t c = c0; c < c1; ++c) {
+        std::size_t c = c0;
+#if defined(__x86_64__)
+        if (avx) c = transpose_4x4s(s0, src_stride, c0, c1, dst + r, dst_stride);
+#endif
+        for (; c < c1; ++c) {
           double* d = dst + c * dst_stride + r;
           d[0] = s0[c];
           d[1] = s1[c];
