@@ -347,6 +347,7 @@ class SampleWork {
   bool take(Queued& next, bool wait);  // false: none (left, or to wait for)
   void serve();                        // a helper's loop
   void drain();                        // the queue emptied and the helpers stopped
+  ReuseScope reuse_;  // the calling thread's, for every sample it does (also in finish())
   std::size_t count_;
   std::function<void(const Tensor&, std::size_t)> work_;
   std::unique_ptr<Progress> progress_;
