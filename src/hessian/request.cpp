@@ -502,12 +502,15 @@ void SampleWork::add(const Tensor& y, std::size_t i) {
       mode_ = Mode::at_once;
       run(y, i);
     } else {
+      std::vector<Tensor> done;
       {
         std::lock_guard<std::mutex> lock(mutex_);
         queue_.push_back({y, i, tape.elements * sizeof(double)});
         queued_bytes_ += queue_.back().bytes;
+        done.swap(done_graphs_);
       }
       changed_.notify_one();
+      done.clear();  // freed here, outside the lock
       if (!helpers_started_) {
         helpers_started_ = true;
         for (std::size_t t = 1; t < threads_ && crew_.add([this] { serve(); }); ++t) {
@@ -534,11 +537,15 @@ bool SampleWork::take(Queued& next, bool wait) {
   return true;
 }
 
+// A sample's graph goes back to the calling thread, which made its forward
+// nodes, to be freed there: memory freed on another thread stays in that
+// thread's caches, or reaches the heap through its locks.
 void SampleWork::serve() {
   ReuseScope reuse;  // this helper's seed batches and staging buffer, for every sample it takes
   for (Queued next; take(next, true);) {
     run(next.y, next.i);
-    next.y = Tensor();  // its graph is no longer needed
+    std::lock_guard<std::mutex> lock(mutex_);
+    done_graphs_.push_back(std::move(next.y));
   }
 }
 
@@ -555,6 +562,7 @@ void SampleWork::drain() {
   crew_.wait([this] {
     if (progress_) progress_->update(done_);
   });
+  done_graphs_.clear();
   crew_.finish();
 }
 

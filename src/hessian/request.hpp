@@ -360,6 +360,7 @@ class SampleWork {
   std::mutex mutex_;  // guards the queue
   std::condition_variable changed_;
   std::deque<Queued> queue_;
+  std::vector<Tensor> done_graphs_;  // helpers' samples done, for this thread to free (it made them)
   std::atomic<std::size_t> queued_bytes_{0};
   bool closed_ = false;  // no more samples come
   Crew crew_;            // last: it waits for the helpers before the queue goes
