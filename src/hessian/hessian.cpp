@@ -299,7 +299,6 @@ Tensor batch_loss_hessian_matrix(nn::Module& model, const Criterion& criterion, 
   RequestScope scope(model, sel);
   const std::size_t batches = batch_size(api, inputs, target);
   check_memory(api, sel, batches, o);
-  ReuseScope reuse;  // every sample's passes take seed batches of the same shapes
   Tensor h = Tensor::empty({batches, sel.n, sel.n});
   const MatrixWriter writer(h.mutable_data(), batches, sel, o);
   SampleWork samples(batches, o.progress, [&](const Tensor& loss, std::size_t b) { writer.write(loss, b); });

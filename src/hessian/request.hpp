@@ -323,7 +323,7 @@ void for_each_part(std::size_t count, const std::function<void(std::size_t)>& wo
 /// would take long enough to pay for threads, later samples go into a queue
 /// that helpers take them from while this thread makes the next ones; it
 /// takes its share too once the queue holds kQueuedGraphBytes of graphs, and
-/// at finish(). A sample that does not own its tape (owns_its_tape) stops the
+/// at finish(). A sample that reaches older nodes (new_tape) stops the
 /// queue: the work queued is done first, then each sample's work runs at
 /// once, on this thread, as without threads. With more than one sample, the
 /// calling thread reports the samples done (`progress`), and the reports of
