@@ -39,16 +39,19 @@ std::vector<SharpnessBounds> bounds(const char* api, const Selection& sel, const
       },
       [&](const Tensor& y, std::size_t base) {
         hessians_of_entries(y, sel, options, [&](std::size_t first) -> RowSink {
-          return [&, first](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* v) {
-            const std::size_t entry = base + first + e;
-            if (q == p) {
-              std::memcpy(diagonal[p].mutable_data() + (entry * sel.sizes[p] + row) * sel.sizes[p], v,
-                          sel.sizes[p] * sizeof(double));
-              return;
-            }
-            double s = 0;
-            for (std::size_t c = 0; c < sel.sizes[q]; ++c) s += v[c] * v[c];
-            off_squared[(entry * P + p) * P + q] += s;
+          return [&, first](const RowBlock& b) {
+            const std::size_t p = b.p, q = b.q;
+            b.each_row(sel, [&](std::size_t e, std::size_t row, const double* v) {
+              const std::size_t entry = base + first + e;
+              if (q == p) {
+                std::memcpy(diagonal[p].mutable_data() + (entry * sel.sizes[p] + row) * sel.sizes[p], v,
+                            sel.sizes[p] * sizeof(double));
+                return;
+              }
+              double s = 0;
+              for (std::size_t c = 0; c < sel.sizes[q]; ++c) s += v[c] * v[c];
+              off_squared[(entry * P + p) * P + q] += s;
+            });
           };
         });
         return true;

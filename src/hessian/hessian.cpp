@@ -47,10 +47,12 @@ class ReachedBlocks {
 // rows may arrive on several threads, and a shared Tensor's mutable_data() is
 // not for them.
 RowSink matrix_sink(double* data, const Selection& sel, ReachedBlocks& reached) {
-  return [data, &sel, &reached](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
-    reached.note(p, q);
-    double* matrix = data + e * sel.n * sel.n;
-    std::memcpy(matrix + (sel.offsets[p] + row) * sel.n + sel.offsets[q], values, sel.sizes[q] * sizeof(double));
+  return [data, &sel, &reached](const RowBlock& b) {
+    reached.note(b.p, b.q);
+    const std::size_t n = sel.n, bytes = sel.sizes[b.q] * sizeof(double);
+    b.each_row(sel, [&](std::size_t e, std::size_t row, const double* values) {
+      std::memcpy(data + e * n * n + (sel.offsets[b.p] + row) * n + sel.offsets[b.q], values, bytes);
+    });
   };
 }
 
@@ -68,9 +70,11 @@ DictBlocks dict_blocks(HessianDict& d, const Selection& sel) {
 }
 
 RowSink dict_sink(const DictBlocks& blocks, std::size_t base, const Selection& sel) {
-  return [&blocks, base, &sel](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* values) {
-    double* block = blocks[p * sel.params.size() + q];
-    std::memcpy(block + ((base + e) * sel.sizes[p] + row) * sel.sizes[q], values, sel.sizes[q] * sizeof(double));
+  // a block's rows of consecutive seeds are consecutive rows of its values
+  return [&blocks, base, &sel](const RowBlock& b) {
+    const std::size_t cols = sel.sizes[b.q];
+    double* block = blocks[b.p * sel.params.size() + b.q];
+    std::memcpy(block + (base * sel.sizes[b.p] + b.first) * cols, b.values, b.k * cols * sizeof(double));
   };
 }
 
@@ -341,8 +345,9 @@ Tensor loss_hessian_diagonal(nn::Module& model, const Criterion& criterion, cons
   RequestScope scope(model, sel);
   const Tensor loss = scalar_loss(api, criterion, run_model(api, model, inputs), target);
   Tensor diag = zeros({sel.n});
-  hessian_rows(loss, 0, 1, sel, o, [&](std::size_t, std::size_t p, std::size_t row, std::size_t, const double* v) {
-    diag.mutable_data()[sel.offsets[p] + row] = v[row];
+  double* d = diag.mutable_data();
+  hessian_rows(loss, 0, 1, sel, o, [&](const RowBlock& b) {
+    b.each_row(sel, [&](std::size_t, std::size_t row, const double* v) { d[sel.offsets[b.p] + row] = v[row]; });
   });
   return diag;
 }

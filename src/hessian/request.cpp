@@ -244,22 +244,16 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
   for (std::size_t c = take(); c < chunks.size(); c = take()) {
     const auto start = queue ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
     const auto [p, t0, k] = chunks[c];
-    std::vector<std::pair<std::size_t, std::size_t>> picks(k);  // (entry, row of p) of each seed
     ones.resize(k);
-    std::size_t entry = t0 / sel.sizes[p], row = t0 % sel.sizes[p];  // counted on, not divided (per seed, that showed)
+    std::size_t entry = t0 / sel.sizes[p], row = t0 % sel.sizes[p];  // counted on, not divided
     for (std::size_t i = 0; i < k; ++i) {
-      picks[i] = {entry, row};
       ones[i] = (i * count + entry) * sel.sizes[p] + row;
       if (++row == sel.sizes[p]) row = 0, ++entry;
     }
     const Tensor seeds = one_hot_seeds(concat_shape({k, count}, sel.params[p].shape()), ones);
     const std::vector<Tensor> rows = grad({g[p]}, wrt[p], {seeds}, second_level);
-    for (std::size_t j = 0; j < rows.size(); ++j) {
-      const std::size_t q = wrt_index[p][j];
-      if (!rows[j].defined()) continue;
-      const double* values = rows[j].data();
-      for (std::size_t i = 0; i < k; ++i) sink(picks[i].first, p, picks[i].second, q, values + i * sel.sizes[q]);
-    }
+    for (std::size_t j = 0; j < rows.size(); ++j)
+      if (rows[j].defined()) sink({p, wrt_index[p][j], t0, k, rows[j].data()});
     progress.update(rows_done += k);
     if (queue) queue->chunk_done(seconds_since(start), chunks.size() - std::min(chunks.size(), c + 1));
   }

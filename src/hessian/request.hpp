@@ -92,12 +92,28 @@ std::size_t tape_elements(const Tensor& y);
 /// Seeds per backward pass for `rows` rows when one seed carries `per_seed` entries.
 std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_seed);
 
-// Receives one Hessian row: output entry `entry` (within the group), row `row`
-// of parameter p (flattened), its part against parameter q (sizes[q] values).
-// The Hessian is symmetric, so only blocks q >= p are computed and reported:
-// a result that stores blocks q < p fills them by transposing afterwards.
-using RowSink = std::function<void(std::size_t entry, std::size_t p, std::size_t row, std::size_t q,
-                                   const double* values)>;
+// k consecutive Hessian rows from one backward pass: those of the seeds
+// first, first + 1, ... of parameter p, where seed t is row t % sizes[p] of
+// output entry t / sizes[p] (within the group), and their part against
+// parameter q, k × sizes[q] values row-major. The Hessian is symmetric, so
+// only blocks q >= p are computed and reported: a result that stores blocks
+// q < p fills them by transposing afterwards.
+struct RowBlock {
+  std::size_t p, q, first, k;
+  const double* values;
+
+  /// f(entry, row of p, its sizes[q] values) for each row, in order.
+  template <class F>
+  void each_row(const Selection& sel, F&& f) const {
+    const std::size_t rows = sel.sizes[p], cols = sel.sizes[q];
+    std::size_t entry = first / rows, row = first % rows;  // counted on, not divided (per row, that showed)
+    for (std::size_t i = 0; i < k; ++i) {
+      f(entry, row, values + i * cols);
+      if (++row == rows) row = 0, ++entry;
+    }
+  }
+};
+using RowSink = std::function<void(const RowBlock&)>;
 
 /// One-hot seed batches: zeros of `shape` with ones at the flat positions
 /// `ones`. Inside a ReuseScope a batch of the same shape is taken again
@@ -144,8 +160,8 @@ constexpr std::size_t kEntryGroup = 8;
 
 class RowQueue;
 
-/// Hessians of the entries [first, first + count) of y, reported to sink with
-/// entry = index - first. Blocks listed false in `skip` (when given, P × P
+/// Hessians of the entries [first, first + count) of y, reported to sink in
+/// blocks of rows, with entry = index - first. Blocks listed false in `skip` (when given, P × P
 /// flags, row-major) are neither computed nor reported. With a queue, this
 /// thread computes only the chunks of rows it takes from it.
 void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const Selection& sel,

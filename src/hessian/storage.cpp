@@ -86,10 +86,13 @@ PackedHessian packed(const char* api, const Selection& sel, const HessianOptions
         h = PackedHessian(sel.n, numel_of(lead));
       },
       [&](std::size_t first) -> RowSink {
-        return [&h, &sel, first](std::size_t e, std::size_t p, std::size_t row, std::size_t q, const double* v) {
-          const std::size_t i = sel.offsets[p] + row;
-          const std::size_t skip = q == p ? row : 0;  // a (P, P) row: only columns j ≥ i
-          std::memcpy(&h.at(i, sel.offsets[q] + skip, first + e), v + skip, (sel.sizes[q] - skip) * sizeof(double));
+        return [&h, &sel, first](const RowBlock& b) {
+          b.each_row(sel, [&](std::size_t e, std::size_t row, const double* v) {
+            const std::size_t i = sel.offsets[b.p] + row;
+            const std::size_t skip = b.q == b.p ? row : 0;  // a (P, P) row: only columns j ≥ i
+            std::memcpy(&h.at(i, sel.offsets[b.q] + skip, first + e), v + skip,
+                        (sel.sizes[b.q] - skip) * sizeof(double));
+          });
         };
       });
   return h;
@@ -120,10 +123,11 @@ BlockSparseHessian block_sparse(const char* api, const Selection& sel, const Hes
       },
       [&](std::size_t first) -> RowSink {
         // block (q, p) is not stored: block() transposes (p, q)
-        return [&values, &sel, P, first](std::size_t e, std::size_t p, std::size_t row, std::size_t q,
-                                         const double* v) {
-          std::memcpy(values[p * P + q] + ((first + e) * sel.sizes[p] + row) * sel.sizes[q], v,
-                      sel.sizes[q] * sizeof(double));
+        // a block's rows of consecutive seeds are consecutive rows of its values
+        return [&values, &sel, P, first](const RowBlock& b) {
+          const std::size_t cols = sel.sizes[b.q];
+          std::memcpy(values[b.p * P + b.q] + (first * sel.sizes[b.p] + b.first) * cols, b.values,
+                      b.k * cols * sizeof(double));
         };
       },
       &wanted);
