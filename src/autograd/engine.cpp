@@ -31,23 +31,21 @@ struct RuleProfile {
     for (auto& [name, v] : rows) std::fprintf(stderr, "  %-20s %10.4f s %9zu calls\n", name.c_str(), v.first, v.second);
   }
 };
-RuleProfile* rule_profile() {
-  static RuleProfile* profile = std::getenv("HESSE_PROFILE") ? new RuleProfile() : nullptr;
-  return profile;
-}
+// set once, at load (a function-local static reads its guard at every rule)
+RuleProfile* const rule_profile = std::getenv("HESSE_PROFILE") ? new RuleProfile() : nullptr;
 struct ProfileAtExit {
-  ~ProfileAtExit() { delete rule_profile(); }
+  ~ProfileAtExit() { delete rule_profile; }
 } profile_at_exit;
 
 class RuleTimer {
  public:
   explicit RuleTimer(const char* name) : name_(name) {
-    if (rule_profile()) start_ = std::chrono::steady_clock::now();
+    if (rule_profile) start_ = std::chrono::steady_clock::now();
   }
   void stop() {
-    if (!rule_profile()) return;
-    std::lock_guard<std::mutex> lock(rule_profile()->mutex);
-    auto& entry = rule_profile()->seconds_calls[name_];
+    if (!rule_profile) return;
+    std::lock_guard<std::mutex> lock(rule_profile->mutex);
+    auto& entry = rule_profile->seconds_calls[name_];
     entry.first += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     entry.second += 1;
   }
