@@ -1428,39 +1428,48 @@ BOOST_AUTO_TEST_CASE(dense_results_do_not_depend_on_recycled_memory) {
 // staging buffer and streamed out. Here n = 97 is odd, so most samples'
 // matrices start and end inside a cache line of the result.
 BOOST_AUTO_TEST_CASE(large_results_are_streamed_out_whole) {
-  Generator gen(47);
-  auto net = nn::mlp({4, 16, 1}, nn::Activation::Kind::tanh, gen);
-  const std::size_t n = 97, B = 64;  // 64 · 97² doubles: 4.8 MB
-  BOOST_REQUIRE_EQUAL(net->num_parameters(true), n);
-  const Tensor x = randn({B, 4}, gen), t = randn({B, 1}, gen);
-  const nn::MSELoss mse(nn::Reduction::sum);
-  HessianOptions diagonal;
-  diagonal.diagonal_only = true;
-  const std::vector<std::pair<std::string, std::function<Tensor(const Tensor&, const Tensor&, const HessianOptions&)>>>
-      requests = {
-          {"model", [&](const Tensor& xs, const Tensor&, const HessianOptions& o) { return model_hessian_matrix(*net, {xs}, o); }},
-          {"batch loss",
-           [&](const Tensor& xs, const Tensor& ts, const HessianOptions& o) {
-             return batch_loss_hessian_matrix(*net, mse, {xs}, ts, o);
-           }},
-      };
-  for (const auto& [name, request] : requests)
-    for (const HessianOptions& o : {HessianOptions(), diagonal}) {
-      BOOST_TEST_CONTEXT(name << (o.diagonal_only ? ", diagonal_only" : "")) {
-        // leave freed buffers of the result's and the staging buffer's sizes behind, full of NaN
-        { const Tensor junk = full({B, 1, n, n}, std::nan("")), stage = full({n, n}, std::nan("")); }
-        const Tensor h = request(x, t, o);
-        BOOST_REQUIRE(h.numel() == B * n * n);
-        BOOST_CHECK(std::all_of(h.data(), h.data() + h.numel(), [](double v) { return std::isfinite(v); }));
-        // each sample alone is a result small enough to be written in place
-        for (std::size_t b = 0; b < B; b += 9) {
-          const Tensor hb = request(slice(x, 0, b, b + 1), slice(t, 0, b, b + 1), o);
-          const Tensor row = reshape(slice(reshape(h, {B, n * n}), 0, b, b + 1), hb.shape());
-          CHECK_REL(row, hb, 1e-13);
+  // n = 97 (odd) and 114 with two outputs: most matrices start and end inside
+  // a cache line, and bands of rows cross parameters and matrices
+  for (const std::size_t outputs : {1, 2}) {
+    Generator gen(47);
+    auto net = nn::mlp({4, 16, outputs}, nn::Activation::Kind::tanh, gen);
+    const std::size_t n = outputs == 1 ? 97 : 114, B = 64;  // 64 · 97² doubles: 4.8 MB
+    BOOST_REQUIRE_EQUAL(net->num_parameters(true), n);
+    const Tensor x = randn({B, 4}, gen), t = randn({B, outputs}, gen);
+    const nn::MSELoss mse(nn::Reduction::sum);
+    HessianOptions diagonal, chunked;
+    diagonal.diagonal_only = true;
+    chunked.chunk_size = 5;  // pieces of rows that bands cut across
+    const std::vector<
+        std::pair<std::string, std::function<Tensor(const Tensor&, const Tensor&, const HessianOptions&)>>>
+        requests = {
+            {"model",
+             [&](const Tensor& xs, const Tensor&, const HessianOptions& o) { return model_hessian_matrix(*net, {xs}, o); }},
+            {"batch loss",
+             [&](const Tensor& xs, const Tensor& ts, const HessianOptions& o) {
+               return batch_loss_hessian_matrix(*net, mse, {xs}, ts, o);
+             }},
+        };
+    for (const auto& [name, request] : requests)
+      for (const HessianOptions& o : {HessianOptions(), diagonal, chunked}) {
+        BOOST_TEST_CONTEXT(name << ", " << outputs << " outputs" << (o.diagonal_only ? ", diagonal_only" : "")
+                                << (o.chunk_size ? ", chunks of 5" : "")) {
+          // leave freed buffers of the result's and a band's sizes behind, full of NaN
+          { const Tensor junk = full({B, outputs, n, n}, std::nan("")), band = full({16 * n + 8}, std::nan("")); }
+          const Tensor h = request(x, t, o);
+          const std::size_t per_sample = h.numel() / B;
+          BOOST_REQUIRE(per_sample == (name == "model" ? outputs : 1) * n * n);
+          BOOST_CHECK(std::all_of(h.data(), h.data() + h.numel(), [](double v) { return std::isfinite(v); }));
+          // each sample alone is a result small enough to be written in place
+          for (std::size_t b = 0; b < B; b += 9) {
+            const Tensor hb = request(slice(x, 0, b, b + 1), slice(t, 0, b, b + 1), o);
+            const Tensor row = reshape(slice(reshape(h, {B, per_sample}), 0, b, b + 1), hb.shape());
+            CHECK_REL(row, hb, 1e-13);
+          }
+          BOOST_CHECK_GT(max_abs(h), 1e-3);
         }
-        BOOST_CHECK_GT(max_abs(h), 1e-3);
       }
-    }
+  }
 }
 
 BOOST_AUTO_TEST_CASE(sum_of_per_sample_hessians_is_the_batch_hessian_for_sum_losses) {

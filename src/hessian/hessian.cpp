@@ -1,7 +1,8 @@
 // Model and loss Hessians. The gradient is taken once with create_graph; then
 // chunks of k identity rows go through its graph as one batched backward pass,
 // and each chunk's k Hessian rows are written straight into the result (or,
-// for a large one, into a staging buffer that is streamed out).
+// for a large one, kept until their matrices are put together band by band
+// and streamed out).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -74,7 +75,7 @@ RowSink dict_sink(const DictBlocks& blocks, std::size_t base, const Selection& s
   return [&blocks, base, &sel](const RowBlock& b) {
     const std::size_t cols = sel.sizes[b.q];
     double* block = blocks[b.p * sel.params.size() + b.q];
-    std::memcpy(block + (base * sel.sizes[b.p] + b.first) * cols, b.values, b.k * cols * sizeof(double));
+    std::memcpy(block + (base * sel.sizes[b.p] + b.first) * cols, b.values.data(), b.k * cols * sizeof(double));
   };
 }
 
@@ -139,16 +140,72 @@ void stream_copy(double* dst, const double* src, std::size_t count) {
 }
 
 // Results larger than this go out to memory past the cache (the cores' own
-// caches hold a few MB; the last level is shared), through staging buffers
-// of at most kStagedBytes that stay in a core's cache.
-constexpr std::size_t kStreamedResultBytes = std::size_t(4) << 20, kStagedBytes = std::size_t(512) << 10;
+// caches hold a few MB; the last level is shared). A group of entries whose
+// rows take at most kHeldBytes is put together from its rows band by band,
+// each band (about kBandBytes) in a buffer that stays in the core's nearest
+// cache, and streamed out from there.
+constexpr std::size_t kStreamedResultBytes = std::size_t(4) << 20, kHeldBytes = std::size_t(512) << 10,
+                      kBandBytes = std::size_t(16) << 10;
+
+/// The rows a group's passes gave, kept as they came until the group's
+/// matrices are put together (a copy into a staging matrix cost a tenth of a
+/// per-sample Hessian's time).
+class HeldRows {
+ public:
+  explicit HeldRows(const Selection& sel) : sel_(sel), P_(sel.params.size()), blocks_(P_ * P_) {}
+
+  RowSink sink() {
+    return [this](const RowBlock& b) { blocks_[b.p * P_ + b.q].push_back(b); };
+  }
+  bool reached(std::size_t p, std::size_t q) const { return !blocks_[p * P_ + q].empty(); }
+  /// f(t, count, values) over the held pieces of block (p, q) that cover the
+  /// seeds [begin, end): values holds the rows of the seeds t .. t + count - 1.
+  template <class F>
+  void each_piece(std::size_t p, std::size_t q, std::size_t begin, std::size_t end, F&& f) const {
+    for (const RowBlock& b : blocks_[p * P_ + q]) {
+      const std::size_t from = std::max(begin, b.first), to = std::min(end, b.first + b.k);
+      if (from < to) f(from, to - from, b.values.data() + (from - b.first) * sel_.sizes[q]);
+    }
+  }
+
+ private:
+  const Selection& sel_;
+  std::size_t P_;
+  std::vector<std::vector<RowBlock>> blocks_;  // [p * P + q], pieces in seed order
+};
+
+/// Copies values out in order to `to`, whole 64-byte lines of it past the
+/// cache: the next values are written into room() (up to `room` of them) and
+/// send() sends out the lines they complete; finish() sends the rest.
+class LineStream {
+ public:
+  LineStream(double* to, std::size_t room) : to_(to), buffer_(staging_buffer(room + 8)) {}
+
+  double* room() { return buffer_.mutable_data() + carried_; }
+  void send(std::size_t count) {
+    double* data = buffer_.mutable_data();
+    const std::size_t total = carried_ + count;
+    const std::size_t line_end = (reinterpret_cast<std::uintptr_t>(to_ + total) % 64) / sizeof(double);
+    const std::size_t out = total >= line_end ? total - line_end : 0;  // up to the last whole line
+    stream_copy(to_, data, out);
+    std::memmove(data, data + out, (total - out) * sizeof(double));
+    to_ += out;
+    carried_ = total - out;
+  }
+  void finish() { stream_copy(to_, buffer_.data(), carried_); }  // a last, partial line
+
+ private:
+  double* to_;
+  Tensor buffer_;
+  std::size_t carried_ = 0;
+};
 
 /// Writes the n × n Hessians of output entries into a dense result, one
-/// group of entries at a time (as hessians_of_entries takes them): each
-/// group's matrices are completed right after their rows arrive, while they
-/// are in cache. The result is never cleared, so each line of it is written
-/// once; in a large result, each group is built in a staging buffer first and
-/// streamed out.
+/// group of entries at a time (as hessians_of_entries takes them), each
+/// group's matrices completed (unreached blocks zero, lower blocks mirrored)
+/// right after their rows arrive, while they are in cache. The result is
+/// never cleared, so each line of it is written once; in a large result,
+/// each line goes out to memory past the cache.
 class MatrixWriter {
  public:
   MatrixWriter(double* result, std::size_t matrices, const Selection& sel, const HessianOptions& o)
@@ -165,15 +222,57 @@ class MatrixWriter {
 
  private:
   void write_group(const Tensor& y, std::size_t first, std::size_t count, double* to) const {
-    const std::size_t size = count * sel_.n * sel_.n;
-    const bool staged = streamed_ && size * sizeof(double) <= kStagedBytes;
-    Tensor stage = staged ? staging_buffer(size) : Tensor();
-    double* m = staged ? stage.mutable_data() : to;
+    const std::size_t n = sel_.n;
+    if (streamed_ && count * n * n * sizeof(double) <= kHeldBytes) {
+      HeldRows held(sel_);
+      hessian_rows(y, first, count, sel_, o_, held.sink());
+      put_together(held, count, to);
+      return;
+    }
     ReachedBlocks reached(sel_.params.size());
-    hessian_rows(y, first, count, sel_, o_, matrix_sink(m, sel_, reached));
+    hessian_rows(y, first, count, sel_, o_, matrix_sink(to, sel_, reached));
+    for (std::size_t e = 0; e < count; ++e) complete_matrix(to + e * n * n, sel_, reached, o_.diagonal_only, false);
+  }
+
+  // The group's matrices, a band of rows at a time, each streamed out once put together.
+  void put_together(const HeldRows& held, std::size_t count, double* to) const {
+    const std::size_t n = sel_.n;
+    const std::size_t band = std::max<std::size_t>(4, kBandBytes / (n * sizeof(double)) / 4 * 4);
+    LineStream out(to, band * n);
     for (std::size_t e = 0; e < count; ++e)
-      complete_matrix(m + e * sel_.n * sel_.n, sel_, reached, o_.diagonal_only, false);
-    if (staged) stream_copy(to, m, size);
+      for (std::size_t i0 = 0; i0 < n; i0 += band) {
+        const std::size_t i1 = std::min(n, i0 + band);
+        double* rows = out.room();  // rows i0 .. i1 - 1 of matrix e
+        for (std::size_t p = 0; p < sel_.params.size(); ++p) {
+          const std::size_t off = sel_.offsets[p];
+          const std::size_t r0 = std::max(i0, off), r1 = std::min(i1, off + sel_.sizes[p]);
+          for (std::size_t q = 0; r0 < r1 && q < sel_.params.size(); ++q)
+            put_block(held, e, p, q, r0 - off, r1 - off, rows + (r0 - i0) * n);
+        }
+        out.send((i1 - i0) * n);
+      }
+    out.finish();
+  }
+
+  // Rows r0 .. r1 - 1 of parameter p in matrix e, their columns of q, into
+  // `rows`: copied from block (p, q >= p), transposed from block (q, p) above
+  // a lower one, or zero where no row reached them.
+  void put_block(const HeldRows& held, std::size_t e, std::size_t p, std::size_t q, std::size_t r0, std::size_t r1,
+                 double* rows) const {
+    const std::size_t n = sel_.n, sp = sel_.sizes[p], sq = sel_.sizes[q];
+    double* at = rows + sel_.offsets[q];
+    if (q >= p && held.reached(p, q)) {
+      held.each_piece(p, q, e * sp + r0, e * sp + r1, [&](std::size_t t, std::size_t k, const double* v) {
+        double* row = at + (t - e * sp - r0) * n;
+        for (std::size_t i = 0; i < k; ++i) std::memcpy(row + i * n, v + i * sq, sq * sizeof(double));
+      });
+    } else if (q < p && held.reached(q, p)) {  // column c: row c of block (q, p), from its column r0 on
+      held.each_piece(q, p, e * sq, e * sq + sq, [&](std::size_t t, std::size_t k, const double* v) {
+        detail::transpose_into(v + r0, sp, k, r1 - r0, at + (t - e * sq), n);
+      });
+    } else {
+      for (std::size_t r = 0; r < r1 - r0; ++r) std::fill_n(at + r * n, sq, 0.0);
+    }
   }
 
   double* result_;

@@ -253,7 +253,7 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
     const Tensor seeds = one_hot_seeds(concat_shape({k, count}, sel.params[p].shape()), ones);
     const std::vector<Tensor> rows = grad({g[p]}, wrt[p], {seeds}, second_level);
     for (std::size_t j = 0; j < rows.size(); ++j)
-      if (rows[j].defined()) sink({p, wrt_index[p][j], t0, k, rows[j].data()});
+      if (rows[j].defined()) sink({p, wrt_index[p][j], t0, k, rows[j]});
     progress.update(rows_done += k);
     if (queue) queue->chunk_done(seconds_since(start), chunks.size() - std::min(chunks.size(), c + 1));
   }

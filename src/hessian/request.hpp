@@ -100,7 +100,7 @@ std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_
 // q < p fills them by transposing afterwards.
 struct RowBlock {
   std::size_t p, q, first, k;
-  const double* values;
+  Tensor values;  // a sink may keep it
 
   /// f(entry, row of p, its sizes[q] values) for each row, in order.
   template <class F>
@@ -108,7 +108,7 @@ struct RowBlock {
     const std::size_t rows = sel.sizes[p], cols = sel.sizes[q];
     std::size_t entry = first / rows, row = first % rows;  // counted on, not divided (per row, that showed)
     for (std::size_t i = 0; i < k; ++i) {
-      f(entry, row, values + i * cols);
+      f(entry, row, values.data() + i * cols);
       if (++row == rows) row = 0, ++entry;
     }
   }
@@ -125,8 +125,8 @@ using RowSink = std::function<void(const RowBlock&)>;
 Tensor one_hot_seeds(const Shape& shape, const std::vector<std::size_t>& ones);
 
 /// A buffer of at least `size` values, holding whatever it held before. In a
-/// ReuseScope it is the scope's one staging buffer: a thread that stages
-/// sample after sample finds it in its own core's cache (a buffer from the
+/// ReuseScope it is the scope's one staging buffer: a thread that puts
+/// sample after sample together in it finds it in its own core's cache (a buffer from the
 /// shared pool may come hot from another core's).
 Tensor staging_buffer(std::size_t size);
 

@@ -126,7 +126,7 @@ BlockSparseHessian block_sparse(const char* api, const Selection& sel, const Hes
         // a block's rows of consecutive seeds are consecutive rows of its values
         return [&values, &sel, P, first](const RowBlock& b) {
           const std::size_t cols = sel.sizes[b.q];
-          std::memcpy(values[b.p * P + b.q] + (first * sel.sizes[b.p] + b.first) * cols, b.values,
+          std::memcpy(values[b.p * P + b.q] + (first * sel.sizes[b.p] + b.first) * cols, b.values.data(),
                       b.k * cols * sizeof(double));
         };
       },
