@@ -489,6 +489,45 @@ BOOST_AUTO_TEST_CASE(shared_b_gradient_over_a_batch) {
   }
 }
 
+BOOST_AUTO_TEST_CASE(a_shared_matrix_gradient_over_a_batch_of_b) {
+  // C = op(A) op(B_ij) for one A and a [3, 2] batch of B's, seeded k = 4 times
+  // at once: dA is Σ_ij of each product's gradient, summed in the batch's
+  // order (unrecorded, each product is added into the sum as it is made;
+  // recorded, a batch of products is summed after: the same values)
+  Generator gen(12);
+  const std::size_t m = 2, k = 3, n = 2;
+  for (const bool ta : {false, true})
+    for (const bool tb : {false, true})
+      for (const bool recorded : {false, true}) {
+        BOOST_TEST_CONTEXT("ta " << ta << ", tb " << tb << (recorded ? ", recorded" : "")) {
+          const Tensor a = normal(ta ? Shape{k, m} : Shape{m, k}, gen);
+          const Tensor b = normal(tb ? Shape{3, 2, n, k} : Shape{3, 2, k, n}, gen);
+          const Tensor c = matmul(ta ? transpose(a) : a, tb ? transpose(b) : b);
+          BOOST_REQUIRE(c.shape() == Shape({3, 2, m, n}));
+          const Tensor seeds = randn({4, 3, 2, m, n}, gen);
+          GradOptions batched;
+          batched.batched_grad_outputs = true;
+          batched.create_graph = recorded;
+          const Tensor ga = grad(std::vector<Tensor>{c}, std::vector<Tensor>{a}, {seeds}, batched)[0];
+          BOOST_CHECK_EQUAL(ga.requires_grad(), recorded);
+          Tensor want = zeros({4, a.shape()[0], a.shape()[1]});
+          for (std::size_t s = 0; s < 4; ++s) {
+            Tensor sum = zeros(a.shape());
+            for (std::size_t i = 0; i < 6; ++i) {
+              const Tensor g = row(reshape(row(seeds, s), Shape{6, m, n}), i);
+              const Tensor bi = row(reshape(b, Shape{6, b.shape()[2], b.shape()[3]}), i);
+              const Tensor op_b = tb ? reference_permute(bi, {1, 0}) : bi;
+              // dA = g op(B)ᵀ, or op(B) gᵀ when C = Aᵀ op(B)
+              sum = sum + (ta ? reference_matmul(op_b, reference_permute(g, {1, 0}))
+                              : reference_matmul(g, reference_permute(op_b, {1, 0})));
+            }
+            std::copy_n(sum.data(), sum.numel(), want.mutable_data() + s * sum.numel());
+          }
+          CHECK_CLOSE(ga.detach(), want, 0.0);
+        }
+      }
+}
+
 // ---- batched seeds ----
 
 BOOST_AUTO_TEST_CASE(batched_seeds_linalg) {

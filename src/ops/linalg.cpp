@@ -353,6 +353,28 @@ void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double* p
   });
 }
 
+// out[o] = Σ_e op(X[o, e]) op(Y[o, e]) over `outer` sums of `terms` tiny
+// products, X and Y read through strides (in values) over o and e. Each
+// product is added into its sum as it is made, in e's order from zero.
+template <bool TX, bool TY>
+void sums_of_products(const MatmulDims& d, const double* x, std::size_t x_outer, std::size_t x_term,
+                      const double* y, std::size_t y_outer, std::size_t y_term, std::size_t outer,
+                      std::size_t terms, double* out) {
+  const std::size_t size = d.m * d.n;
+  auto run = [&](auto product) {
+    double term[kSmallGemm];
+    for (std::size_t o = 0; o < outer; ++o) {
+      double* sum = out + o * size;
+      for (std::size_t e = 0; e < terms; ++e) {
+        product(d, x + o * x_outer + e * x_term, y + o * y_outer + e * y_term, term);
+        for (std::size_t i = 0; i < size; ++i) sum[i] += term[i];
+      }
+    }
+  };
+  if (by_dots<TY>(d)) return with_dots<TX, TY>(d.m, d.n, d.k, run);
+  run([](const MatmulDims& dm, const double* a, const double* b, double* c) { small_gemm<TX, TY>(dm, a, b, c); });
+}
+
 // c = op(A) op(B), written into c (batch + [m, n] values).
 void matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulDims& d, double* c) {
   const std::size_t batches = numel_of(d.batch);
@@ -423,16 +445,48 @@ Tensor product(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulD
   return out;
 }
 
+// dA of C = op(A) op(B) for a matrix A shared by a batch of B's, when no
+// graph is recorded: Σ over the batch of g op(B)ᵀ (ta: op(B) gᵀ) made as one
+// sum of tiny products per seed, where a batch of products would be made and
+// then summed (reduce_grad, in the same order). Undefined when that does not fit.
+Tensor shared_matrix_grad(const Tensor& g, const Tensor& b, bool ta, bool tb, const Shape& so, const Shape& a_shape) {
+  const Shape& gs = g.shape();
+  const Shape& bs = b.shape();
+  if (a_shape.size() != 2 || so.size() < 3 || bs.size() != so.size() || gs.size() < so.size() ||
+      !std::equal(bs.begin(), bs.end() - 2, so.begin()) || (is_grad_enabled() && detail::any_requires_grad({g, b})))
+    return Tensor();
+  // each term: !ta: g_e op(B_e)ᵀ, [m, n] · [n, k]; ta: op(B_e) g_eᵀ, [k, m] · [m, n]
+  const std::size_t m = so[so.size() - 2], n = so.back(), terms = numel_of(lead(so));
+  const MatmulDims d = ta ? MatmulDims{rows(bs, tb), cols(bs, tb), m, {}} : MatmulDims{m, n, rows(bs, tb), {}};
+  if (terms < 2 || d.k == 0 || d.m * d.n * d.k > kSmallGemm) return Tensor();
+  const Shape seeds = detail::batch_dims(g, so);
+  const std::size_t outer = numel_of(seeds), g_mat = m * n, b_mat = bs[bs.size() - 2] * bs.back();
+  Tensor out = zeros(detail::concat_shape(seeds, a_shape));
+  flops.fetch_add(2 * std::uint64_t(d.m) * d.n * d.k * outer * terms, std::memory_order_relaxed);
+  const double* pg = g.data();
+  const double* pb = b.data();
+  double* po = out.mutable_data();
+  if (ta) {  // op(B_e) g_eᵀ
+    if (tb) sums_of_products<true, true>(d, pb, 0, b_mat, pg, terms * g_mat, g_mat, outer, terms, po);
+    else sums_of_products<false, true>(d, pb, 0, b_mat, pg, terms * g_mat, g_mat, outer, terms, po);
+  } else {  // g_e op(B_e)ᵀ
+    if (tb) sums_of_products<false, false>(d, pg, terms * g_mat, g_mat, pb, 0, b_mat, outer, terms, po);
+    else sums_of_products<false, true>(d, pg, terms * g_mat, g_mat, pb, 0, b_mat, outer, terms, po);
+  }
+  return out;
+}
+
 // C = op(A) op(B) with op(X) = Xᵀ where flagged. Adjoints:
 //   dA = g op(B)ᵀ  (ta: dA = op(B) gᵀ)      dB = op(A)ᵀ g  (tb: dB = gᵀ op(A))
 Tensor matmul_t(const Tensor& a, const Tensor& b, bool ta, bool tb, bool defer) {
   const MatmulDims d = matmul_dims(a, b, ta, tb);
   Tensor out = product(a, b, ta, tb, d, defer);
   return detail::record("matmul", out, {a, b}, [a, b, ta, tb, so = out.shape()](const Tensor& g, const Tensor&, Needs needs) {
-    Tensor ga, gb;
-    if (needs[0]) ga = detail::reduce_grad(ta ? matmul_t(b, g, tb, true, needs.may_defer(0))
-                                              : matmul_t(g, b, false, !tb, needs.may_defer(0)),
-                                           so, a.shape());
+    Tensor ga = needs[0] ? shared_matrix_grad(g, b, ta, tb, so, a.shape()) : Tensor(), gb;
+    if (needs[0] && !ga.defined())
+      ga = detail::reduce_grad(ta ? matmul_t(b, g, tb, true, needs.may_defer(0))
+                                  : matmul_t(g, b, false, !tb, needs.may_defer(0)),
+                               so, a.shape());
     // B shared by a batch of A's (A not broadcast): dB = Σᵢ Aᵢᵀ gᵢ is one
     // product of the batch stacked into rows, with no batched product to sum
     const bool stack_rows = !ta && b.ndim() == 2 && a.ndim() > 2 && lead(a.shape()) == lead(so);
