@@ -426,6 +426,37 @@ BOOST_AUTO_TEST_CASE(pow_at_zero) {
 
 // ---- batched seeds ----
 
+BOOST_AUTO_TEST_CASE(tanh_second_derivatives_unrecorded_equal_recorded) {
+  // the gradient of tanh under 2 seeds at once is tanh_backward(V, tanh x)
+  // with tanh x broadcast along V's seed dim; its x-derivative under 3 seeds
+  // more sums over that dim. Unrecorded, one fused pass sums as it goes:
+  // exactly the values of the recorded ops and their sum.
+  Generator gen(13);
+  for (const Shape& xs : {Shape{1, 4}, Shape{5}, Shape{3, 1}}) {
+    BOOST_TEST_CONTEXT(to_string(xs)) {
+      const Tensor x = leaf(normal(xs, gen));
+      const Tensor V = randn(prepend(2, xs), gen);
+      GradOptions first;
+      first.create_graph = true;
+      first.batched_grad_outputs = true;
+      const Tensor g = grad(std::vector<Tensor>{hesse::tanh(x)}, std::vector<Tensor>{x}, {V}, first)[0];
+      const Tensor W = randn(prepend(3, g.shape()), gen);
+      GradOptions second;
+      second.batched_grad_outputs = true;
+      second.retain_graph = true;
+      const Tensor fused = grad(std::vector<Tensor>{g}, std::vector<Tensor>{x}, {W}, second)[0];
+      second.create_graph = true;
+      const Tensor recorded = grad(std::vector<Tensor>{g}, std::vector<Tensor>{x}, {W}, second)[0];
+      BOOST_REQUIRE(recorded.requires_grad() && !fused.requires_grad());
+      CHECK_CLOSE(fused, recorded.detach(), 0.0);
+      // and their value: Σ_j W[i, j] V[j] (-2 tanh x)(1 - tanh² x)
+      const Tensor t = hesse::tanh(x.detach());
+      const Tensor want = sum(W * V * (t * -2.0) * (1.0 - t * t), {1});
+      CHECK_CLOSE(fused, want, 1e-15);
+    }
+  }
+}
+
 BOOST_AUTO_TEST_CASE(batched_seeds_elementwise) {
   Generator gen(12);
   {

@@ -233,25 +233,40 @@ Tensor square(const Tensor& x) {
 namespace {
 
 // o = gg g (-2 y) with g repeated along gg's leading dims and y along g's (o
-// is fresh: __restrict, as in zip_rows)
+// is fresh: __restrict, as in zip_rows). Summed: o[a, c] = Σ_j of those
+// values at [a, j, c], added from o's zeros in j's order (as reduce_grad adds).
+template <bool Summed>
 HESSE_AVX2_CLONE void tanh_backward_dy_rows(const double* __restrict gg, const double* __restrict g,
                                             const double* __restrict y, double* __restrict o, std::size_t n,
                                             std::size_t ng, std::size_t ny) {
-  for (std::size_t a = 0; a < n; a += ng)
+  for (std::size_t a = 0; a < n; a += ng) {
+    double* oa = Summed ? o + a / ng * ny : o + a;
     for (std::size_t b = 0; b < ng; b += ny)
-      for (std::size_t c = 0; c < ny; ++c) o[a + b + c] = (gg[a + b + c] * g[b + c]) * (y[c] * -2.0);
+      for (std::size_t c = 0; c < ny; ++c) {
+        const double v = (gg[a + b + c] * g[b + c]) * (y[c] * -2.0);
+        if (Summed) oa[c] += v;
+        else oa[b + c] = v;
+      }
+  }
 }
 
-// gg g (-2 y), the y-derivative of tanh_backward: in one pass when nothing
+// gg g (-2 y) summed to y's shape (and gg's seed dims): the y-gradient of
+// tanh_backward, whose output has shape `so`. In one pass when nothing
 // records (a second-level pass) and g, y repeat along gg's leading dims (the
-// seeds); the values are those of the three ops it replaces.
-Tensor tanh_backward_dy(const Tensor& gg, const Tensor& g, const Tensor& y) {
+// seeds), summed as it goes where y was broadcast along g; the values are
+// those of the three ops and the sum it replaces.
+Tensor tanh_backward_dy(const Tensor& gg, const Tensor& g, const Tensor& y, const Shape& so) {
   const bool fused = !detail::any_requires_grad({gg, g, y}) && trails(g.shape(), gg.shape()) &&
                      trails(y.shape(), g.shape()) && y.numel() > 0;
-  if (!fused) return gg * g * (y * -2.0);
+  if (!fused) return reduce_grad(gg * g * (y * -2.0), so, y.shape());
+  if (g.shape() == so && y.numel() > 1 && g.numel() > y.numel()) {  // where reduce_grad would sum rows
+    Tensor out = zeros(detail::concat_shape(detail::batch_dims(gg, so), y.shape()));
+    tanh_backward_dy_rows<true>(gg.data(), g.data(), y.data(), out.mutable_data(), gg.numel(), g.numel(), y.numel());
+    return out;
+  }
   Tensor out = make(gg.shape());
-  tanh_backward_dy_rows(gg.data(), g.data(), y.data(), out.mutable_data(), gg.numel(), g.numel(), y.numel());
-  return out;
+  tanh_backward_dy_rows<false>(gg.data(), g.data(), y.data(), out.mutable_data(), gg.numel(), g.numel(), y.numel());
+  return reduce_grad(out, so, y.shape());
 }
 
 // g (1 - y²);  ∂/∂g = (1 - y²),  ∂/∂y = -2 g y
@@ -259,7 +274,7 @@ Tensor tanh_backward(const Tensor& g, const Tensor& y) {
   Tensor out = map_binary("tanh_backward", g, y, [](double a, double b) { return a * (1.0 - b * b); });
   return record("tanh_backward", out, {g, y}, [g, y, so = out.shape()](const Tensor& gg, const Tensor&, Needs needs) {
     return std::vector<Tensor>{needs[0] ? reduce_grad(tanh_backward(gg, y), so, g.shape()) : Tensor(),
-                               needs[1] ? reduce_grad(tanh_backward_dy(gg, g, y), so, y.shape()) : Tensor()};
+                               needs[1] ? tanh_backward_dy(gg, g, y, so) : Tensor()};
   });
 }
 
