@@ -453,6 +453,7 @@ Tensor shared_matrix_grad(const Tensor& g, const Tensor& b, bool ta, bool tb, co
   const Shape& gs = g.shape();
   const Shape& bs = b.shape();
   if (a_shape.size() != 2 || so.size() < 3 || bs.size() != so.size() || gs.size() < so.size() ||
+      !std::equal(so.begin(), so.end(), gs.end() - std::ptrdiff_t(so.size())) ||
       !std::equal(bs.begin(), bs.end() - 2, so.begin()) || (is_grad_enabled() && detail::any_requires_grad({g, b})))
     return Tensor();
   // each term: !ta: g_e op(B_e)ᵀ, [m, n] · [n, k]; ta: op(B_e) g_eᵀ, [k, m] · [m, n]
