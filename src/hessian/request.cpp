@@ -245,11 +245,9 @@ void hessian_rows(const Tensor& y, std::size_t first, std::size_t count, const S
     const auto start = queue ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
     const auto [p, t0, k] = chunks[c];
     ones.resize(k);
-    std::size_t entry = t0 / sel.sizes[p], row = t0 % sel.sizes[p];  // counted on, not divided
-    for (std::size_t i = 0; i < k; ++i) {
+    each_seed(sel.sizes[p], t0, k, [&](std::size_t i, std::size_t entry, std::size_t row) {
       ones[i] = (i * count + entry) * sel.sizes[p] + row;
-      if (++row == sel.sizes[p]) row = 0, ++entry;
-    }
+    });
     const Tensor seeds = one_hot_seeds(concat_shape({k, count}, sel.params[p].shape()), ones);
     const std::vector<Tensor> rows = grad({g[p]}, wrt[p], {seeds}, second_level);
     for (std::size_t j = 0; j < rows.size(); ++j)

@@ -92,9 +92,20 @@ std::size_t tape_elements(const Tensor& y);
 /// Seeds per backward pass for `rows` rows when one seed carries `per_seed` entries.
 std::size_t chunk_of(const HessianOptions& o, std::size_t rows, std::size_t per_seed);
 
+/// f(i, entry, row) for the seeds first, first + 1, ... (i counting from 0)
+/// of `k` for a parameter of `rows` rows, where seed t is row t % rows of
+/// output entry t / rows: counted on, not divided (per seed, that showed).
+template <class F>
+void each_seed(std::size_t rows, std::size_t first, std::size_t k, F&& f) {
+  std::size_t entry = first / rows, row = first % rows;
+  for (std::size_t i = 0; i < k; ++i) {
+    f(i, entry, row);
+    if (++row == rows) row = 0, ++entry;
+  }
+}
+
 // k consecutive Hessian rows from one backward pass: those of the seeds
-// first, first + 1, ... of parameter p, where seed t is row t % sizes[p] of
-// output entry t / sizes[p] (within the group), and their part against
+// first, first + 1, ... of parameter p (each_seed), and their part against
 // parameter q, k × sizes[q] values row-major. The Hessian is symmetric, so
 // only blocks q >= p are computed and reported: a result that stores blocks
 // q < p fills them by transposing afterwards.
@@ -105,12 +116,11 @@ struct RowBlock {
   /// f(entry, row of p, its sizes[q] values) for each row, in order.
   template <class F>
   void each_row(const Selection& sel, F&& f) const {
-    const std::size_t rows = sel.sizes[p], cols = sel.sizes[q];
-    std::size_t entry = first / rows, row = first % rows;  // counted on, not divided (per row, that showed)
-    for (std::size_t i = 0; i < k; ++i) {
-      f(entry, row, values.data() + i * cols);
-      if (++row == rows) row = 0, ++entry;
-    }
+    const double* v = values.data();
+    const std::size_t cols = sel.sizes[q];
+    each_seed(sel.sizes[p], first, k, [&](std::size_t i, std::size_t entry, std::size_t row) {
+      f(entry, row, v + i * cols);
+    });
   }
 };
 using RowSink = std::function<void(const RowBlock&)>;

@@ -342,15 +342,18 @@ void each_of_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double
                              });
 }
 
-// A batch of tiny products: the kernel is chosen once for the batch, so that
-// 2 × 2 products run as inlined straight-line dots (per-sample Hessians of
-// small parameter matrices are made of them).
+// use(kernel) with the kernel for many tiny products of dims d, chosen once
+// for all of them, so that 2 × 2 products run as inlined straight-line dots
+// (per-sample Hessians of small parameter matrices are made of them).
+template <bool TA, bool TB, class Use>
+void with_tiny_kernel(const MatmulDims& d, Use use) {
+  if (by_dots<TB>(d)) return with_dots<TA, TB>(d.m, d.n, d.k, use);
+  use([](const MatmulDims& dm, const double* x, const double* y, double* z) { small_gemm<TA, TB>(dm, x, y, z); });
+}
+
 template <bool TA, bool TB>
 void tiny_batch(const Tensor& a, const Tensor& b, const MatmulDims& d, double* pc) {
-  if (by_dots<TB>(d)) return with_dots<TA, TB>(d.m, d.n, d.k, [&](auto dots) { each_of_batch(a, b, d, pc, dots); });
-  each_of_batch(a, b, d, pc, [](const MatmulDims& dm, const double* x, const double* y, double* z) {
-    small_gemm<TA, TB>(dm, x, y, z);
-  });
+  with_tiny_kernel<TA, TB>(d, [&](auto product) { each_of_batch(a, b, d, pc, product); });
 }
 
 // out[o] = Σ_e op(X[o, e]) op(Y[o, e]) over `outer` sums of `terms` tiny
@@ -361,7 +364,7 @@ void sums_of_products(const MatmulDims& d, const double* x, std::size_t x_outer,
                       const double* y, std::size_t y_outer, std::size_t y_term, std::size_t outer,
                       std::size_t terms, double* out) {
   const std::size_t size = d.m * d.n;
-  auto run = [&](auto product) {
+  with_tiny_kernel<TX, TY>(d, [&](auto product) {
     double term[kSmallGemm];
     for (std::size_t o = 0; o < outer; ++o) {
       double* sum = out + o * size;
@@ -370,9 +373,7 @@ void sums_of_products(const MatmulDims& d, const double* x, std::size_t x_outer,
         for (std::size_t i = 0; i < size; ++i) sum[i] += term[i];
       }
     }
-  };
-  if (by_dots<TY>(d)) return with_dots<TX, TY>(d.m, d.n, d.k, run);
-  run([](const MatmulDims& dm, const double* a, const double* b, double* c) { small_gemm<TX, TY>(dm, a, b, c); });
+  });
 }
 
 // c = op(A) op(B), written into c (batch + [m, n] values).
