@@ -133,13 +133,26 @@ BOOST_AUTO_TEST_CASE(outer_products_of_every_size) {
     }
   }
   // rows of 2 to 4 are written by their own loops however many there are;
-  // so are a batch's single-row Aᵢᵀ times B (a seed batch's weight gradients)
+  // so are a batch's single-row Aᵢᵀ times B (a seed batch's weight gradients),
+  // also a batch of tiny ones (64 × 16 × 4 is the tiny-product size)
   for (const std::size_t n : {2, 3, 4, 5}) {
     const Tensor a = randn({1500, 1}, gen), b = randn({1, n}, gen);
     CHECK_CLOSE(matmul(a, b), reference_matmul(a, b), 0.0);
-    const Tensor rows = randn({300, 1, 16}, gen);
-    CHECK_CLOSE(matmul(transpose(rows, 1, 2), b), reference_matmul(reference_permute(rows, {0, 2, 1}), b), 0.0);
+    for (const std::size_t batch : {3, 64, 300}) {
+      const Tensor rows = randn({batch, 1, 16}, gen);
+      CHECK_CLOSE(matmul(transpose(rows, 1, 2), b), reference_matmul(reference_permute(rows, {0, 2, 1}), b), 0.0);
+    }
   }
+  // a batch of tiny outer products against a batch, under every transpose flag
+  for (const bool ta : {false, true})
+    for (const bool tb : {false, true}) {
+      BOOST_TEST_CONTEXT("batched outer products, ta " << ta << ", tb " << tb) {
+        const Tensor a = randn(ta ? Shape{5, 1, 3} : Shape{5, 3, 1}, gen);
+        const Tensor b = randn(tb ? Shape{5, 4, 1} : Shape{5, 1, 4}, gen);
+        const Tensor op_a = ta ? reference_permute(a, {0, 2, 1}) : a, op_b = tb ? reference_permute(b, {0, 2, 1}) : b;
+        CHECK_CLOSE(matmul(ta ? transpose(a, 1, 2) : a, tb ? transpose(b, 1, 2) : b), reference_matmul(op_a, op_b), 0.0);
+      }
+    }
   // C = A B with one row (dB = Aᵀ G: an outer product of a transposed A) and
   // with one column (dA = G Bᵀ: an outer product of a transposed B)
   for (std::size_t size : {3, 40, 90}) {
@@ -495,37 +508,38 @@ BOOST_AUTO_TEST_CASE(a_shared_matrix_gradient_over_a_batch_of_b) {
   // order (unrecorded, each product is added into the sum as it is made;
   // recorded, a batch of products is summed after: the same values)
   Generator gen(12);
-  const std::size_t m = 2, k = 3, n = 2;
-  for (const bool ta : {false, true})
-    for (const bool tb : {false, true})
-      for (const bool recorded : {false, true}) {
-        BOOST_TEST_CONTEXT("ta " << ta << ", tb " << tb << (recorded ? ", recorded" : "")) {
-          const Tensor a = normal(ta ? Shape{k, m} : Shape{m, k}, gen);
-          const Tensor b = normal(tb ? Shape{3, 2, n, k} : Shape{3, 2, k, n}, gen);
-          const Tensor c = matmul(ta ? transpose(a) : a, tb ? transpose(b) : b);
-          BOOST_REQUIRE(c.shape() == Shape({3, 2, m, n}));
-          const Tensor seeds = randn({4, 3, 2, m, n}, gen);
-          GradOptions batched;
-          batched.batched_grad_outputs = true;
-          batched.create_graph = recorded;
-          const Tensor ga = grad(std::vector<Tensor>{c}, std::vector<Tensor>{a}, {seeds}, batched)[0];
-          BOOST_CHECK_EQUAL(ga.requires_grad(), recorded);
-          Tensor want = zeros({4, a.shape()[0], a.shape()[1]});
-          for (std::size_t s = 0; s < 4; ++s) {
-            Tensor sum = zeros(a.shape());
-            for (std::size_t i = 0; i < 6; ++i) {
-              const Tensor g = row(reshape(row(seeds, s), Shape{6, m, n}), i);
-              const Tensor bi = row(reshape(b, Shape{6, b.shape()[2], b.shape()[3]}), i);
-              const Tensor op_b = tb ? reference_permute(bi, {1, 0}) : bi;
-              // dA = g op(B)ᵀ, or op(B) gᵀ when C = Aᵀ op(B)
-              sum = sum + (ta ? reference_matmul(op_b, reference_permute(g, {1, 0}))
-                              : reference_matmul(g, reference_permute(op_b, {1, 0})));
+  const std::size_t m = 2, k = 3;
+  for (const std::size_t n : {2, 1})  // n = 1: each term of dA is an outer product
+    for (const bool ta : {false, true})
+      for (const bool tb : {false, true})
+        for (const bool recorded : {false, true}) {
+          BOOST_TEST_CONTEXT("n " << n << ", ta " << ta << ", tb " << tb << (recorded ? ", recorded" : "")) {
+            const Tensor a = normal(ta ? Shape{k, m} : Shape{m, k}, gen);
+            const Tensor b = normal(tb ? Shape{3, 2, n, k} : Shape{3, 2, k, n}, gen);
+            const Tensor c = matmul(ta ? transpose(a) : a, tb ? transpose(b) : b);
+            BOOST_REQUIRE(c.shape() == Shape({3, 2, m, n}));
+            const Tensor seeds = randn({4, 3, 2, m, n}, gen);
+            GradOptions batched;
+            batched.batched_grad_outputs = true;
+            batched.create_graph = recorded;
+            const Tensor ga = grad(std::vector<Tensor>{c}, std::vector<Tensor>{a}, {seeds}, batched)[0];
+            BOOST_CHECK_EQUAL(ga.requires_grad(), recorded);
+            Tensor want = zeros({4, a.shape()[0], a.shape()[1]});
+            for (std::size_t s = 0; s < 4; ++s) {
+              Tensor sum = zeros(a.shape());
+              for (std::size_t i = 0; i < 6; ++i) {
+                const Tensor g = row(reshape(row(seeds, s), Shape{6, m, n}), i);
+                const Tensor bi = row(reshape(b, Shape{6, b.shape()[2], b.shape()[3]}), i);
+                const Tensor op_b = tb ? reference_permute(bi, {1, 0}) : bi;
+                // dA = g op(B)ᵀ, or op(B) gᵀ when C = Aᵀ op(B)
+                sum = sum + (ta ? reference_matmul(op_b, reference_permute(g, {1, 0}))
+                                : reference_matmul(g, reference_permute(op_b, {1, 0})));
+              }
+              std::copy_n(sum.data(), sum.numel(), want.mutable_data() + s * sum.numel());
             }
-            std::copy_n(sum.data(), sum.numel(), want.mutable_data() + s * sum.numel());
+            CHECK_CLOSE(ga.detach(), want, 0.0);
           }
-          CHECK_CLOSE(ga.detach(), want, 0.0);
         }
-      }
 }
 
 // ---- batched seeds ----

@@ -99,7 +99,7 @@ bool by_dots(const MatmulDims& d) {
 }
 
 // use(kernel) with the dot kernel for m × n results and k (2 × 2 results in
-// registers; k unrolled for 2 to 4); each kernel is a lambda of its own type,
+// registers; k unrolled for 1 to 4); each kernel is a lambda of its own type,
 // so that a loop calling it inlines it.
 template <bool TA, bool TB, class Use>
 void with_dots(std::size_t m, std::size_t n, std::size_t k, Use use) {
@@ -117,6 +117,7 @@ void with_dots(std::size_t m, std::size_t n, std::size_t k, Use use) {
     return k == 2 ? use(kernel_2x2(std::integral_constant<std::size_t, 2>()))
                   : use(kernel_2x2(std::integral_constant<std::size_t, 0>()));
   switch (k) {
+    case 1: return use(kernel(std::integral_constant<std::size_t, 1>()));  // outer products
     case 2: return use(kernel(std::integral_constant<std::size_t, 2>()));
     case 3: return use(kernel(std::integral_constant<std::size_t, 3>()));
     case 4: return use(kernel(std::integral_constant<std::size_t, 4>()));
@@ -396,9 +397,14 @@ void matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const Mat
     }
     return gemm(ta, tb, folded, a.data(), b.data(), c);
   }
+  // A[i]ᵀ op(B) folds as one GEMM below; when A[i] is a single row it is its
+  // own transpose, and the fold copies nothing (outer products of a batch of
+  // first-layer gradients with one input row)
+  const bool a_each_against_b = a_batched && !b_batched && numel_of(lead(a.shape())) == batches;
+  const bool folds_free = a_each_against_b && d.k == 1;
   // a batch of tiny products (per-sample Hessians are full of them): folding
   // costs more in temporaries and copies than the products; loop instead
-  if (d.m * d.n * d.k * batches <= 8 * kSmallGemm && !d.batch.empty()) {
+  if (d.m * d.n * d.k * batches <= 8 * kSmallGemm && !d.batch.empty() && !folds_free) {
     if (ta) tb ? tiny_batch<true, true>(a, b, d, c) : tiny_batch<true, false>(a, b, d, c);
     else tb ? tiny_batch<false, true>(a, b, d, c) : tiny_batch<false, false>(a, b, d, c);
     return;
@@ -409,9 +415,8 @@ void matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, const Mat
                 : narrow_a_each<false>(d, a.data(), b.data(), c, batches);
     return matmul_shared_a(a, b, ta, tb, d, batches, c);
   }
-  if (a_batched && !b_batched && numel_of(lead(a.shape())) == batches) {
-    // C[i] = A[i]ᵀ op(B): transpose each A[i] once (a single row is its own
-    // transpose), then fold as above
+  if (a_each_against_b) {
+    // C[i] = A[i]ᵀ op(B): transpose each A[i] once, then fold as above
     Tensor at = d.k == 1 ? a : Tensor::empty({batches * a_mat});
     if (d.k > 1) detail::transpose_each(a.data(), batches, d.k, d.m, at.mutable_data());
     MatmulDims folded = d;
