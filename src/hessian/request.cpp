@@ -765,23 +765,37 @@ std::string shapes_of(const std::vector<Tensor>& inputs) {
 
 }  // namespace
 
+namespace {
+
+// f(), a shape error from the user's model or criterion told where it came
+// from: the hesse call and what it passed (their own errors name only the op).
+template <class F>
+Tensor called_from(const char* api, const std::string& what, F&& f) {
+  try {
+    return f();
+  } catch (const ShapeError& e) {
+    throw ShapeError(std::string(e.what()) + " [in hesse::" + api + ", " + what + "]");
+  }
+}
+
+}  // namespace
+
 Tensor run_model(const char* api, nn::Module& model, const std::vector<Tensor>& inputs) {
   check_defined(api, inputs);
-  return model(inputs);
+  return called_from(api, "the model on inputs of shapes " + shapes_of(inputs), [&] { return model(inputs); });
 }
 
 Tensor run_sample(const char* api, nn::Module& model, const std::vector<Tensor>& inputs, std::size_t b) {
-  try {
-    return model(sample(inputs, b));
-  } catch (const ShapeError& e) {
-    throw ShapeError(std::string(e.what()) + " [in hesse::" + api + ", is_batch: sample " + std::to_string(b) +
-                     " of inputs of shapes " + shapes_of(inputs) + "]");
-  }
+  return called_from(api, "is_batch: sample " + std::to_string(b) + " of inputs of shapes " + shapes_of(inputs),
+                     [&] { return model(sample(inputs, b)); });
 }
 
 Tensor scalar_loss(const char* api, const Criterion& criterion, const Tensor& output, const Tensor& target) {
   if (!criterion) throw ValueError(message(api, "no criterion given"));
-  Tensor loss = criterion(output, target);
+  Tensor loss = called_from(api,
+                            "the criterion on an output of shape " + to_string(output.shape()) +
+                                " and a target of shape " + (target.defined() ? to_string(target.shape()) : "undefined"),
+                            [&] { return criterion(output, target); });
   if (!loss.defined() || loss.numel() != 1)
     throw ShapeError(message(api, "the criterion returned shape ",
                                      loss.defined() ? to_string(loss.shape()) : "undefined",
