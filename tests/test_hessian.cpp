@@ -37,6 +37,7 @@
 #include <pty.h>
 
 using namespace hesse;
+using hesse::testing::DoubleBilinear;
 using hesse::testing::max_abs_diff;
 namespace fs = std::filesystem;
 
@@ -310,18 +311,6 @@ Tensor double_bilinear_hessian(const Tensor& x1, const Tensor& x2, std::size_t s
 }
 
 // ---------------------------------------------------------------- models
-
-/// f = x1ᵀ B1 B2 x2 per sample: x1 [N, p], x2 [N, r] -> [N].
-struct DoubleBilinear : nn::Module {
-  Tensor B1, B2;
-  DoubleBilinear(std::size_t p, std::size_t q, std::size_t r, Generator& gen) {
-    B1 = register_parameter("B1", randn({p, q}, gen));
-    B2 = register_parameter("B2", randn({q, r}, gen));
-  }
-  Tensor forward(const std::vector<Tensor>& in) override {
-    return sum(matmul(matmul(in[0], B1), B2) * in[1], {-1});
-  }
-};
 
 /// f = (‖A‖² + ‖B‖²) s for an input scalar s per sample: s [N, 1] -> [N, 1].
 struct SquaredNorms : nn::Module {

@@ -19,6 +19,7 @@
 #include "../examples/mimo_model.hpp"
 
 using namespace hesse;
+using hesse::testing::DoubleBilinear;
 
 namespace {
 
@@ -170,18 +171,6 @@ BOOST_AUTO_TEST_CASE(errors_still_name_the_request) {
 namespace {
 
 using Array = xt::xarray<double>;
-
-/// f = x1ᵀ B1 B2 x2 per sample: x1 [N, p], x2 [N, r] -> [N] (as in test_hessian.cpp).
-struct DoubleBilinear : nn::Module {
-  Tensor B1, B2;
-  DoubleBilinear(std::size_t p, std::size_t q, std::size_t r, Generator& gen) {
-    B1 = register_parameter("B1", randn({p, q}, gen));
-    B2 = register_parameter("B2", randn({q, r}, gen));
-  }
-  Tensor forward(const std::vector<Tensor>& in) override {
-    return sum(matmul(matmul(in[0], B1), B2) * in[1], {-1});
-  }
-};
 
 /// Calls check(options) on the dense route, then on the matrix-free one (nothing
 /// fits in 8 bytes), and checks that only the second switched to Lanczos.

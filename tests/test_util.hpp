@@ -73,6 +73,19 @@ std::uint64_t gemm_flops_of(F&& f) {
   return profile::gemm_flops() - before;
 }
 
+/// f = x1ᵀ B1 B2 x2 per sample: x1 [N, p], x2 [N, r] -> [N] (its Hessian's
+/// off-diagonal blocks are commutation-Kronecker products; its diagonal ones zero).
+struct DoubleBilinear : nn::Module {
+  Tensor B1, B2;
+  DoubleBilinear(std::size_t p, std::size_t q, std::size_t r, Generator& gen) {
+    B1 = register_parameter("B1", randn({p, q}, gen));
+    B2 = register_parameter("B2", randn({q, r}, gen));
+  }
+  Tensor forward(const std::vector<Tensor>& in) override {
+    return sum(matmul(matmul(in[0], B1), B2) * in[1], {-1});
+  }
+};
+
 /// hvp_large in miniature: a tanh MLP 32-16-2 under cross-entropy, batch 512.
 /// The first-level gradient of 0.weight, δᵀ X, is a product large enough to
 /// be deferred (kDeferredFlops); that of 2.weight (2·512·16) is not.
