@@ -30,6 +30,30 @@ void notice(const std::string& text) {
 
 // The dense route would need more than the limit: |λ| of largest magnitude by
 // Lanczos on the operator instead.
+// f() for the sharpness function `api`, which hands its work to a Hessian
+// request or operator: an error from there also names `api`, its type kept.
+template <class F>
+auto handed_on(const char* api, F&& f) -> decltype(f()) {
+  const auto told = [api](const Error& e) { return std::string(e.what()) + " [in hesse::" + api + "]"; };
+  try {
+    return f();
+  } catch (const MemoryLimitError& e) {
+    throw MemoryLimitError(told(e));
+  } catch (const ShapeError& e) {
+    throw ShapeError(told(e));
+  } catch (const ValueError& e) {
+    throw ValueError(told(e));
+  } catch (const IndexError& e) {
+    throw IndexError(told(e));
+  } catch (const AutogradError& e) {
+    throw AutogradError(told(e));
+  } catch (const IoError& e) {
+    throw IoError(told(e));
+  } catch (const Error& e) {
+    throw Error(told(e));
+  }
+}
+
 double matrix_free_sharpness(const char* api, const LinearOperator& op, std::size_t bytes, const HessianOptions& o) {
   LanczosOptions lo;
   lo.which = Which::largest_magnitude;
@@ -115,29 +139,35 @@ Tensor model_sharpness(nn::Module& model, const std::vector<Tensor>& inputs, con
     out_shape = y.shape();
   }
   const std::size_t per_sample = numel_of(out_shape);
-  if (!too_big(sel, batches * per_sample, o)) return symmetric_sharpness(model_hessian_matrix(model, inputs, o));
-  if (o.is_batch) out_shape = concat_shape({batches}, Shape(out_shape.begin() + 1, out_shape.end()));
-  Tensor out = Tensor::empty(out_shape);
-  for (std::size_t b = 0; b < batches; ++b) {
-    const std::vector<Tensor> x = o.is_batch ? sample(inputs, b) : inputs;
-    for (std::size_t e = 0; e < per_sample; ++e) {
-      Tensor weights = zeros(o.is_batch ? concat_shape({1}, Shape(out_shape.begin() + 1, out_shape.end())) : out_shape);
-      weights.mutable_data()[e] = 1.0;
-      out.mutable_data()[b * per_sample + e] = matrix_free_sharpness(
-          api, model_hessian_operator(model, x, weights, operator_options(o)),
-          dense_bytes(sel, batches * per_sample, o.diagonal_only), o);
+  return handed_on(api, [&] {
+    if (!too_big(sel, batches * per_sample, o)) return symmetric_sharpness(model_hessian_matrix(model, inputs, o));
+    if (o.is_batch) out_shape = concat_shape({batches}, Shape(out_shape.begin() + 1, out_shape.end()));
+    Tensor out = Tensor::empty(out_shape);
+    for (std::size_t b = 0; b < batches; ++b) {
+      const std::vector<Tensor> x = o.is_batch ? sample(inputs, b) : inputs;
+      for (std::size_t e = 0; e < per_sample; ++e) {
+        Tensor weights =
+            zeros(o.is_batch ? concat_shape({1}, Shape(out_shape.begin() + 1, out_shape.end())) : out_shape);
+        weights.mutable_data()[e] = 1.0;
+        out.mutable_data()[b * per_sample + e] = matrix_free_sharpness(
+            api, model_hessian_operator(model, x, weights, operator_options(o)),
+            dense_bytes(sel, batches * per_sample, o.diagonal_only), o);
+      }
     }
-  }
-  return out;
+    return out;
+  });
 }
 
 double loss_sharpness(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
                       const Tensor& target, const HessianOptions& o) {
   const char* api = "loss_sharpness";
   const Selection sel = select(api, model, o);
-  if (!too_big(sel, 1, o)) return symmetric_sharpness(loss_hessian_matrix(model, criterion, inputs, target, o)).item();
-  return matrix_free_sharpness(api, loss_hessian_operator(model, criterion, inputs, target, operator_options(o)),
-                               dense_bytes(sel, 1, o.diagonal_only), o);
+  return handed_on(api, [&] {
+    if (!too_big(sel, 1, o))
+      return symmetric_sharpness(loss_hessian_matrix(model, criterion, inputs, target, o)).item();
+    return matrix_free_sharpness(api, loss_hessian_operator(model, criterion, inputs, target, operator_options(o)),
+                                 dense_bytes(sel, 1, o.diagonal_only), o);
+  });
 }
 
 Tensor batch_loss_sharpness(nn::Module& model, const Criterion& criterion, const std::vector<Tensor>& inputs,
@@ -145,15 +175,18 @@ Tensor batch_loss_sharpness(nn::Module& model, const Criterion& criterion, const
   const char* api = "batch_loss_sharpness";
   const Selection sel = select(api, model, o);
   const std::size_t batches = batch_size(api, inputs, target);
-  if (!too_big(sel, batches, o)) return symmetric_sharpness(batch_loss_hessian_matrix(model, criterion, inputs, target, o));
-  Tensor out = Tensor::empty({batches});
-  for (std::size_t b = 0; b < batches; ++b) {
-    const Tensor t = sample_target(target, b);
-    out.mutable_data()[b] = matrix_free_sharpness(
-        api, loss_hessian_operator(model, criterion, sample(inputs, b), t, operator_options(o)),
-        dense_bytes(sel, batches, o.diagonal_only), o);
-  }
-  return out;
+  return handed_on(api, [&] {
+    if (!too_big(sel, batches, o))
+      return symmetric_sharpness(batch_loss_hessian_matrix(model, criterion, inputs, target, o));
+    Tensor out = Tensor::empty({batches});
+    for (std::size_t b = 0; b < batches; ++b) {
+      const Tensor t = sample_target(target, b);
+      out.mutable_data()[b] = matrix_free_sharpness(
+          api, loss_hessian_operator(model, criterion, sample(inputs, b), t, operator_options(o)),
+          dense_bytes(sel, batches, o.diagonal_only), o);
+    }
+    return out;
+  });
 }
 
 }  // namespace hesse
