@@ -429,8 +429,8 @@ BOOST_AUTO_TEST_CASE(broadcast_gradients_are_the_same_recorded_or_not) {
       BOOST_TEST_CONTEXT(name << ", " << seeds << " seeds") {
         const Tensor a = normal(sa, gen), b = normal(sb, gen);
         const Tensor y = op(a, b);
-        Shape seed_shape = y.shape();
-        if (seeds) seed_shape.insert(seed_shape.begin(), seeds);
+        Shape seed_shape = seeds ? Shape{seeds} : Shape{};  // (push_back: GCC misreads svector::insert here)
+        for (const std::size_t d : y.shape()) seed_shape.push_back(d);
         const Tensor seed = normal(seed_shape, gen);  // requiring grad: recorded, the gradients require it too
         GradOptions o;
         o.batched_grad_outputs = seeds > 0;
