@@ -763,10 +763,6 @@ std::string shapes_of(const std::vector<Tensor>& inputs) {
   return s;
 }
 
-}  // namespace
-
-namespace {
-
 // f(), a shape error from the user's model or criterion told where it came
 // from: the hesse call and what it passed (their own errors name only the op).
 template <class F>

@@ -28,32 +28,27 @@ void notice(const std::string& text) {
   if (notice_handler) notice_handler(text);
 }
 
-// The dense route would need more than the limit: |λ| of largest magnitude by
-// Lanczos on the operator instead.
+// Rethrows e as its own kind of hesse error, with the message `text`.
+template <class... Kinds>
+[[noreturn]] void rethrow_as_its_kind(const Error& e, const std::string& text) {
+  ((dynamic_cast<const Kinds*>(&e) ? throw Kinds(text) : void()), ...);
+  throw Error(text);
+}
+
 // f() for the sharpness function `api`, which hands its work to a Hessian
 // request or operator: an error from there also names `api`, its type kept.
 template <class F>
 auto handed_on(const char* api, F&& f) -> decltype(f()) {
-  const auto told = [api](const Error& e) { return std::string(e.what()) + " [in hesse::" + api + "]"; };
   try {
     return f();
-  } catch (const MemoryLimitError& e) {
-    throw MemoryLimitError(told(e));
-  } catch (const ShapeError& e) {
-    throw ShapeError(told(e));
-  } catch (const ValueError& e) {
-    throw ValueError(told(e));
-  } catch (const IndexError& e) {
-    throw IndexError(told(e));
-  } catch (const AutogradError& e) {
-    throw AutogradError(told(e));
-  } catch (const IoError& e) {
-    throw IoError(told(e));
   } catch (const Error& e) {
-    throw Error(told(e));
+    rethrow_as_its_kind<MemoryLimitError, ShapeError, ValueError, IndexError, AutogradError, IoError>(
+        e, std::string(e.what()) + " [in hesse::" + api + "]");
   }
 }
 
+// The dense route would need more than the limit: |λ| of largest magnitude by
+// Lanczos on the operator instead.
 double matrix_free_sharpness(const char* api, const LinearOperator& op, std::size_t bytes, const HessianOptions& o) {
   LanczosOptions lo;
   lo.which = Which::largest_magnitude;
